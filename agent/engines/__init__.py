@@ -1,0 +1,19 @@
+"""Engine adapters by name. Each turns an EngineSpec into the exact process to run."""
+
+from __future__ import annotations
+
+from agent.engines.base import EngineAdapter, EngineConfigError, EngineLaunch, EngineSpec
+from agent.engines.sim import SimAdapter
+
+ADAPTERS: dict[str, EngineAdapter] = {"sim": SimAdapter()}
+
+
+def get_adapter(name: str) -> EngineAdapter:
+    """The adapter called ``name``; EngineConfigError lists the known ones otherwise."""
+    try:
+        return ADAPTERS[name]
+    except KeyError:
+        raise EngineConfigError(f"unknown engine {name!r}; known engines: {', '.join(sorted(ADAPTERS))}") from None
+
+
+__all__ = ["ADAPTERS", "EngineAdapter", "EngineConfigError", "EngineLaunch", "EngineSpec", "get_adapter"]

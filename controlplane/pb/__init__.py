@@ -1,0 +1,40 @@
+"""Generated protobuf code for every record modelpool stores in etcd (sources in proto/).
+
+Import messages from here, never from ``records_pb2`` directly, so the generated module can move.
+"""
+
+from controlplane.pb.records_pb2 import (
+    ApiKey,
+    Assignment,
+    Demand,
+    GatewayRecord,
+    Gpu,
+    InstanceRecord,
+    InstanceState,
+    ModelAccess,
+    ModelSpec,
+    NodeControl,
+    NodeRecord,
+    PlanAction,
+    PlanRecord,
+    SlurmJob,
+    Usage,
+)
+
+__all__ = [
+    "ApiKey",
+    "Assignment",
+    "Demand",
+    "GatewayRecord",
+    "Gpu",
+    "InstanceRecord",
+    "InstanceState",
+    "ModelAccess",
+    "ModelSpec",
+    "NodeControl",
+    "NodeRecord",
+    "PlanAction",
+    "PlanRecord",
+    "SlurmJob",
+    "Usage",
+]

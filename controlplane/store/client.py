@@ -1,0 +1,300 @@
+"""EtcdStore: the one place modelpool talks to etcd.
+
+A thin typed layer over the etcd3aio asyncio client (several endpoints with round-robin
+failover, TLS/mTLS, retries of transient errors). Everything else in modelpool imports this
+module, never etcd3aio, so the client library can be swapped by rewriting this package only.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import grpc
+import structlog
+from etcd3aio import (
+    Etcd3Client,
+    EtcdConnectionError,
+    EtcdError,
+    EtcdPermissionDeniedError,
+    EtcdTransientError,
+    EtcdUnauthenticatedError,
+    prefix_range_end,
+)
+from etcd3aio._protobuf import Compare, RequestOp
+from etcd3aio.kv import KVService
+
+from controlplane.store.config import EtcdConfig, parse_endpoint
+from controlplane.store.errors import StoreAuthError, StoreError, StoreUnavailable, TxnConflict
+
+log = structlog.get_logger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class KeyValue:
+    """One key as etcd returned it."""
+
+    key: str
+    value: bytes
+    create_revision: int
+    mod_revision: int
+    version: int
+    lease: int
+
+
+@dataclass(frozen=True, slots=True)
+class Cmp:
+    """A transaction guard. Build with the ``Cmp.*`` constructors."""
+
+    pb: Compare
+
+    @staticmethod
+    def mod_revision(key: str, revision: int, op: str = "==", *, prefix: bool = False) -> Cmp:
+        """Guard on the key's (or every key under a prefix's) last-modified revision."""
+        c = Compare(result=_OPS[op], target=Compare.MOD, key=key.encode(), mod_revision=revision)
+        if prefix:
+            c.range_end = prefix_range_end(key)
+        return Cmp(c)
+
+    @staticmethod
+    def create_revision(key: str, revision: int, op: str = "==") -> Cmp:
+        """Guard on the key's create revision (0 means the key does not exist)."""
+        return Cmp(Compare(result=_OPS[op], target=Compare.CREATE, key=key.encode(), create_revision=revision))
+
+    @staticmethod
+    def value(key: str, value: bytes, op: str = "==") -> Cmp:
+        """Guard on the key's value."""
+        return Cmp(Compare(result=_OPS[op], target=Compare.VALUE, key=key.encode(), value=value))
+
+    @staticmethod
+    def absent(key: str) -> Cmp:
+        """The key does not exist."""
+        return Cmp.create_revision(key, 0)
+
+
+_OPS = {"==": Compare.EQUAL, "!=": Compare.NOT_EQUAL, "<": Compare.LESS, ">": Compare.GREATER}
+
+
+@dataclass(frozen=True, slots=True)
+class Op:
+    """A transaction operation. Build with ``Op.put`` / ``Op.delete``."""
+
+    pb: RequestOp
+
+    @staticmethod
+    def put(key: str, value: bytes, lease: int = 0) -> Op:
+        """Write ``value`` at ``key`` (attached to ``lease`` when non-zero)."""
+        return Op(KVService.txn_op_put(key, value, lease=lease))
+
+    @staticmethod
+    def delete(key: str, *, prefix: bool = False) -> Op:
+        """Delete ``key``, or every key under it when ``prefix``."""
+        return Op(KVService.txn_op_delete(key, range_end=prefix_range_end(key) if prefix else None))
+
+
+def _resolve(host: str, port: int) -> list[str]:
+    """gRPC's ipv4: target takes addresses only; resolve names here so hostnames work too."""
+    try:
+        infos = socket.getaddrinfo(host, port, socket.AF_INET, socket.SOCK_STREAM)
+    except socket.gaierror as exc:
+        raise StoreUnavailable(f"cannot resolve etcd host {host!r}: {exc.strerror}") from exc
+    return sorted({f"{info[4][0]}:{port}" for info in infos})
+
+
+def _translate(exc: BaseException, what: str) -> StoreError:
+    if isinstance(exc, EtcdUnauthenticatedError | EtcdPermissionDeniedError):
+        return StoreAuthError(f"{what}: {exc}")
+    if isinstance(exc, EtcdConnectionError | EtcdTransientError | TimeoutError):
+        return StoreUnavailable(f"{what}: etcd unreachable ({exc or 'timeout'})")
+    if isinstance(exc, grpc.aio.AioRpcError):
+        code = exc.code()
+        if code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
+            return StoreUnavailable(f"{what}: etcd unreachable ({code.name})")
+        return StoreError(f"{what}: {code.name}: {exc.details()}")
+    return StoreError(f"{what}: {exc}")
+
+
+class EtcdStore:
+    """Async key-value access to etcd with revisions, prefixes, transactions and leases."""
+
+    def __init__(self, config: EtcdConfig) -> None:
+        self.config = config
+        self.prefix = config.prefix
+        self._client: Etcd3Client | None = None
+        self._auth_task: asyncio.Task[None] | None = None
+
+    @property
+    def client(self) -> Etcd3Client:
+        """The underlying etcd3aio client (for this package's own modules only)."""
+        if self._client is None:
+            raise StoreError("store is not connected: call connect() first")
+        return self._client
+
+    async def connect(self) -> EtcdStore:
+        """Open the channel (lazy in gRPC: a down etcd shows up on the first call, not here)."""
+        addresses: list[str] = []
+        for ep in self.config.endpoints:
+            host, port, _ = parse_endpoint(ep)
+            addresses.extend(_resolve(host, port))
+        conn_args: dict[str, Any] = dict(self.config.read_tls_material())
+        self._client = Etcd3Client(
+            addresses,
+            rpc_max_attempts=3,
+            watch_reconnect_backoff_seconds=0.1,
+            watch_max_reconnect_backoff_seconds=2.0,
+            tls_server_name=self.config.tls_server_name if self.config.tls else None,
+            **conn_args,
+        )
+        await self._client.connect()
+        if self.config.user is not None and self.config.password is not None:
+            await self._authenticate()
+        return self
+
+    async def _authenticate(self) -> None:
+        assert self._client is not None and self._client.auth is not None  # set by connect()
+        try:
+            resp = await self._client.auth.authenticate(
+                self.config.user or "", self.config.password or "", timeout=self.config.timeout_s
+            )
+        except (EtcdError, grpc.aio.AioRpcError, TimeoutError) as exc:
+            raise _translate(exc, "etcd authentication") from exc
+        self._client.set_token(resp.token)
+        self._auth_task = asyncio.create_task(self._refresh_token(), name="etcd-token-refresh")
+
+    async def _refresh_token(self) -> None:
+        # etcd's simple tokens expire after 5 minutes idle; refresh well before.
+        while True:
+            await asyncio.sleep(120)
+            try:
+                assert self._client is not None and self._client.auth is not None
+                resp = await self._client.auth.authenticate(self.config.user or "", self.config.password or "")
+                self._client.set_token(resp.token)
+            except (EtcdError, grpc.aio.AioRpcError, TimeoutError) as exc:
+                log.warning("etcd token refresh failed", error=str(exc))
+
+    async def close(self) -> None:
+        """Close the channel. Leases are not revoked here (LeaseSession.close does that)."""
+        if self._auth_task is not None:
+            self._auth_task.cancel()
+        if self._client is not None:
+            await self._client.close()
+            self._client = None
+
+    async def __aenter__(self) -> EtcdStore:
+        return await self.connect()
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    # -- keys -------------------------------------------------------------------------------
+
+    def key(self, *parts: str) -> str:
+        """Join ``parts`` under the configured prefix: key("instances", "m") -> /modelpool/instances/m.
+
+        A trailing empty part gives a prefix ending in '/': key("instances", "") -> /modelpool/instances/.
+        """
+        for i, p in enumerate(parts):
+            if "/" in p or (not p and i != len(parts) - 1):
+                raise StoreError(f"bad key part {p!r}: must be non-empty and contain no '/'")
+        return "/".join((self.prefix, *parts))
+
+    # -- reads ------------------------------------------------------------------------------
+
+    async def get(self, key: str) -> KeyValue | None:
+        """Read one key; None when it does not exist."""
+        try:
+            resp = await self.client.kv.get(key, timeout=self.config.timeout_s)  # type: ignore[union-attr]
+        except (EtcdError, grpc.aio.AioRpcError, TimeoutError) as exc:
+            raise _translate(exc, f"get {key}") from exc
+        return _kv(resp.kvs[0]) if resp.kvs else None
+
+    async def list_prefix(self, prefix: str, *, revision: int = 0) -> tuple[list[KeyValue], int]:
+        """Every key under ``prefix`` (sorted) and the store revision the read was served at."""
+        if not prefix.endswith("/"):
+            prefix += "/"
+        try:
+            resp = await self.client.kv.get(  # type: ignore[union-attr]
+                prefix, range_end=prefix_range_end(prefix), revision=revision, timeout=self.config.timeout_s
+            )
+        except (EtcdError, grpc.aio.AioRpcError, TimeoutError) as exc:
+            raise _translate(exc, f"list {prefix}") from exc
+        return [_kv(kv) for kv in resp.kvs], int(resp.header.revision)
+
+    async def revision(self) -> int:
+        """The current store revision."""
+        try:
+            resp = await self.client.kv.get(self.prefix + "/", count_only=True, timeout=self.config.timeout_s)  # type: ignore[union-attr]
+        except (EtcdError, grpc.aio.AioRpcError, TimeoutError) as exc:
+            raise _translate(exc, "read revision") from exc
+        return int(resp.header.revision)
+
+    # -- writes -----------------------------------------------------------------------------
+
+    async def put(self, key: str, value: bytes, *, lease: int = 0) -> int:
+        """Write one key; returns the revision of the write."""
+        try:
+            resp = await self.client.kv.put(key, value, lease=lease, timeout=self.config.timeout_s)  # type: ignore[union-attr]
+        except (EtcdError, grpc.aio.AioRpcError, TimeoutError) as exc:
+            raise _translate(exc, f"put {key}") from exc
+        return int(resp.header.revision)
+
+    async def delete(self, key: str, *, prefix: bool = False) -> int:
+        """Delete one key (or a whole prefix); returns how many keys were deleted."""
+        try:
+            resp = await self.client.kv.delete(  # type: ignore[union-attr]
+                key, range_end=prefix_range_end(key) if prefix else None, timeout=self.config.timeout_s
+            )
+        except (EtcdError, grpc.aio.AioRpcError, TimeoutError) as exc:
+            raise _translate(exc, f"delete {key}") from exc
+        return int(resp.deleted)
+
+    async def txn(self, compares: Sequence[Cmp], success: Sequence[Op], failure: Sequence[Op] = ()) -> tuple[bool, int]:
+        """Run one atomic transaction; returns (whether the compares held, revision)."""
+        try:
+            resp = await self.client.kv.txn(  # type: ignore[union-attr]
+                [c.pb for c in compares], [o.pb for o in success], [o.pb for o in failure],
+                timeout=self.config.timeout_s,
+            )
+        except (EtcdError, grpc.aio.AioRpcError, TimeoutError) as exc:
+            raise _translate(exc, "transaction") from exc
+        return bool(resp.succeeded), int(resp.header.revision)
+
+    async def guarded_txn(self, compares: Sequence[Cmp], success: Sequence[Op], what: str) -> int:
+        """Run a transaction that must succeed; raises TxnConflict naming ``what`` otherwise."""
+        ok, rev = await self.txn(compares, success)
+        if not ok:
+            raise TxnConflict(f"{what}: the state changed since it was read (revision now {rev})")
+        return rev
+
+    async def compact(self, revision: int) -> None:
+        """Compact history up to ``revision`` (tests use this to force watch resyncs)."""
+        try:
+            await self.client.kv.compact(revision, physical=True, timeout=self.config.timeout_s)  # type: ignore[union-attr]
+        except (EtcdError, grpc.aio.AioRpcError, TimeoutError) as exc:
+            raise _translate(exc, "compact") from exc
+
+    async def ping(self, timeout: float = 2.0) -> bool:
+        """True when etcd answers a read within ``timeout``."""
+        try:
+            await asyncio.wait_for(
+                self.client.kv.get(self.prefix + "/", count_only=True, serializable=True, timeout=timeout,  # type: ignore[union-attr]
+                                   max_attempts=1),
+                timeout,
+            )
+        except (EtcdError, grpc.aio.AioRpcError, TimeoutError, StoreError):
+            return False
+        return True
+
+
+def _kv(kv: Any) -> KeyValue:
+    return KeyValue(
+        key=kv.key.decode(),
+        value=bytes(kv.value),
+        create_revision=int(kv.create_revision),
+        mod_revision=int(kv.mod_revision),
+        version=int(kv.version),
+        lease=int(kv.lease),
+    )
