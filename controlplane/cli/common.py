@@ -1,0 +1,87 @@
+"""Options and helpers every `ctl` command shares: etcd connection flags, exit codes, async run."""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+import sys
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Annotated, TypeVar
+
+import typer
+
+from controlplane.store import EtcdConfig, EtcdConfigError, EtcdStore, StoreError
+
+T = TypeVar("T")
+
+
+class ExitCode(enum.IntEnum):
+    """What `ctl` exit codes mean (documented in docs/cli.md)."""
+
+    OK = 0
+    CHANGES = 1          # `ctl plan`: the plan has changes (Terraform's -detailed-exitcode habit)
+    USAGE = 2            # bad flags or arguments (click's own code)
+    NOT_FOUND = 3        # the named thing does not exist
+    CONFLICT = 4         # a guarded write lost a race (stale plan, changed state)
+    UNAVAILABLE = 5      # etcd or another dependency cannot be reached
+    ERROR = 255          # anything else
+
+
+class OutputFormat(str, enum.Enum):
+    """-o/--output values."""
+
+    table = "table"
+    json = "json"
+
+
+EtcdOpt = Annotated[str | None, typer.Option("--etcd", envvar="MODELPOOL_ETCD",
+                                             help="etcd endpoints, comma-separated (host:port or https://host:port).")]
+PrefixOpt = Annotated[str | None, typer.Option("--etcd-prefix", envvar="MODELPOOL_ETCD_PREFIX",
+                                               help="Key prefix of this pool in etcd (default: /modelpool).")]
+CaOpt = Annotated[Path | None, typer.Option("--etcd-cacert", envvar="MODELPOOL_ETCD_CACERT", help="CA certificate (enables TLS).")]
+CertOpt = Annotated[Path | None, typer.Option("--etcd-cert", envvar="MODELPOOL_ETCD_CERT", help="Client certificate (mTLS).")]
+KeyOpt = Annotated[Path | None, typer.Option("--etcd-key", envvar="MODELPOOL_ETCD_KEY", help="Client key (mTLS).")]
+UserOpt = Annotated[str | None, typer.Option("--etcd-user", envvar="MODELPOOL_ETCD_USER", help="etcd user (password from MODELPOOL_ETCD_PASSWORD).")]
+OutputOpt = Annotated[OutputFormat, typer.Option("-o", "--output", help="Output format: table or json.")]
+
+
+def etcd_config(etcd: str | None, prefix: str | None, cacert: Path | None = None, cert: Path | None = None,
+                key: Path | None = None, user: str | None = None) -> EtcdConfig:
+    """Build the etcd config from flags (env vars are the fallback), or exit 2 with the reason."""
+    try:
+        return EtcdConfig.from_env(etcd, prefix, ca_cert=cacert, client_cert=cert, client_key=key, user=user)
+    except EtcdConfigError as exc:
+        fail(str(exc), ExitCode.USAGE)
+
+
+def fail(message: str, code: ExitCode = ExitCode.ERROR) -> typer.Exit:
+    """Print ``error: message`` to stderr and exit with ``code``."""
+    print(f"error: {message}", file=sys.stderr)
+    raise typer.Exit(int(code))
+
+
+def run_async(fn: Callable[[], Awaitable[T]]) -> T:
+    """Run a coroutine under uvloop when available; StoreError becomes a clean exit code."""
+    try:
+        import uvloop
+
+        runner = uvloop.run
+    except ImportError:  # pragma: no cover - non-Linux
+        runner = asyncio.run
+    try:
+        return runner(fn())  # type: ignore[arg-type]
+    except StoreError as exc:
+        from controlplane.store import StoreUnavailable, TxnConflict
+
+        if isinstance(exc, StoreUnavailable):
+            fail(str(exc), ExitCode.UNAVAILABLE)
+        if isinstance(exc, TxnConflict):
+            fail(str(exc), ExitCode.CONFLICT)
+        fail(str(exc))
+    raise AssertionError("unreachable")
+
+
+async def open_store(config: EtcdConfig) -> EtcdStore:
+    """Connect to etcd for a one-shot command."""
+    return await EtcdStore(config).connect()

@@ -1,0 +1,86 @@
+"""Child processes that never outlive their parent: own process group, parent-death signal.
+
+Used by `ctl dev` and the tests to run etcd, gateways, agents and engines.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import signal
+import subprocess
+import time
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+_PR_SET_PDEATHSIG = 1
+
+
+def _die_with_parent() -> None:  # runs in the child between fork and exec
+    try:
+        libc = ctypes.CDLL("libc.so.6", use_errno=True)
+        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+    except OSError:  # not Linux/glibc: the process group kill in stop() still applies
+        pass
+
+
+def spawn(argv: Sequence[str], log_path: Path | None = None, env: Mapping[str, str] | None = None,
+          *, die_with_parent: bool = True, cwd: Path | None = None) -> subprocess.Popen[bytes]:
+    """Start ``argv`` in its own session (so signals go to its whole group), output to ``log_path``."""
+    stdout = open(log_path, "ab") if log_path is not None else subprocess.DEVNULL  # noqa: SIM115
+    try:
+        return subprocess.Popen(
+            list(argv),
+            stdout=stdout,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            env=dict(env) if env is not None else None,
+            cwd=cwd,
+            start_new_session=True,
+            preexec_fn=_die_with_parent if die_with_parent else None,  # noqa: PLW1509
+        )
+    finally:
+        if log_path is not None:
+            stdout.close()  # type: ignore[union-attr]
+
+
+def signal_group(proc: subprocess.Popen[bytes], sig: int) -> None:
+    """Send ``sig`` to the process group of ``proc`` (ignores groups already gone)."""
+    try:
+        os.killpg(proc.pid, sig)
+    except (ProcessLookupError, PermissionError):
+        pass
+
+
+def stop(proc: subprocess.Popen[bytes], timeout: float = 10.0, sig: int = signal.SIGTERM) -> int | None:
+    """Signal the group, wait up to ``timeout``, then SIGKILL the group. Returns the exit code."""
+    if proc.poll() is None:
+        signal_group(proc, sig)
+        try:
+            proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            pass
+    # Kill stragglers in the group even when the leader already exited.
+    signal_group(proc, signal.SIGKILL)
+    try:
+        return proc.wait(timeout=5)
+    except subprocess.TimeoutExpired:
+        return None
+
+
+def stop_all(procs: Sequence[subprocess.Popen[bytes]], timeout: float = 10.0) -> None:
+    """Stop several processes concurrently: signal all, then wait for all within ``timeout``."""
+    for p in procs:
+        if p.poll() is None:
+            signal_group(p, signal.SIGTERM)
+    deadline = time.monotonic() + timeout
+    for p in procs:
+        try:
+            p.wait(timeout=max(0.0, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            pass
+        signal_group(p, signal.SIGKILL)
+        try:
+            p.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            pass
