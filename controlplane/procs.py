@@ -37,7 +37,7 @@ def spawn(argv: Sequence[str], log_path: Path | None = None, env: Mapping[str, s
             env=dict(env) if env is not None else None,
             cwd=cwd,
             start_new_session=True,
-            preexec_fn=_die_with_parent if die_with_parent else None,  # noqa: PLW1509
+            preexec_fn=_die_with_parent if die_with_parent else None,
         )
     finally:
         if log_path is not None:

@@ -7,7 +7,7 @@ import enum
 import sys
 from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import Annotated, TypeVar
+from typing import Annotated, Any, NoReturn, TypeVar
 
 import typer
 
@@ -55,7 +55,7 @@ def etcd_config(etcd: str | None, prefix: str | None, cacert: Path | None = None
         fail(str(exc), ExitCode.USAGE)
 
 
-def fail(message: str, code: ExitCode = ExitCode.ERROR) -> typer.Exit:
+def fail(message: str, code: ExitCode = ExitCode.ERROR) -> NoReturn:
     """Print ``error: message`` to stderr and exit with ``code``."""
     print(f"error: {message}", file=sys.stderr)
     raise typer.Exit(int(code))
@@ -63,6 +63,7 @@ def fail(message: str, code: ExitCode = ExitCode.ERROR) -> typer.Exit:
 
 def run_async(fn: Callable[[], Awaitable[T]]) -> T:
     """Run a coroutine under uvloop when available; StoreError becomes a clean exit code."""
+    runner: Any
     try:
         import uvloop
 
