@@ -1,0 +1,1 @@
+"""The modelpool gateway: a stateless OpenAI-compatible front door over the pool's instances."""

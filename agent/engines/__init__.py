@@ -3,9 +3,14 @@
 from __future__ import annotations
 
 from agent.engines.base import EngineAdapter, EngineConfigError, EngineLaunch, EngineSpec
+from agent.engines.command import CommandAdapter
+from agent.engines.sglang import SglangAdapter
 from agent.engines.sim import SimAdapter
+from agent.engines.vllm import VllmAdapter
 
-ADAPTERS: dict[str, EngineAdapter] = {"sim": SimAdapter()}
+ADAPTERS: dict[str, EngineAdapter] = {
+    "sim": SimAdapter(), "vllm": VllmAdapter(), "sglang": SglangAdapter(), "command": CommandAdapter(),
+}
 
 
 def get_adapter(name: str) -> EngineAdapter:

@@ -16,7 +16,7 @@ app = typer.Typer(
 
 def _register() -> None:
     # One import per command module; each module adds its commands to `app`.
-    from controlplane.cli import dev, status  # noqa: F401
+    from controlplane.cli import agent, dev, gateway, status  # noqa: F401
 
 
 def main() -> None:
@@ -26,4 +26,8 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    # `python -m controlplane.cli.main` runs this file as __main__; command modules register on the
+    # importable module's `app`, so go through it.
+    from controlplane.cli.main import main as _main
+
+    _main()

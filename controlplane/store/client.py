@@ -28,7 +28,7 @@ from etcd3aio._protobuf import Compare, RequestOp
 from etcd3aio.kv import KVService
 
 from controlplane.store.config import EtcdConfig, parse_endpoint
-from controlplane.store.errors import StoreAuthError, StoreError, StoreUnavailable, TxnConflict
+from controlplane.store.errors import LeaseLost, StoreAuthError, StoreError, StoreUnavailable, TxnConflict
 
 log = structlog.get_logger(__name__)
 
@@ -105,6 +105,9 @@ def _resolve(host: str, port: int) -> list[str]:
 
 
 def _translate(exc: BaseException, what: str) -> StoreError:
+    detail = exc.details() if isinstance(exc, grpc.aio.AioRpcError) else str(exc)
+    if "lease not found" in (detail or ""):
+        return LeaseLost(f"{what}: the lease expired or was revoked")
     if isinstance(exc, EtcdUnauthenticatedError | EtcdPermissionDeniedError):
         return StoreAuthError(f"{what}: {exc}")
     if isinstance(exc, EtcdConnectionError | EtcdTransientError | TimeoutError):

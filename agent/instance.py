@@ -1,0 +1,241 @@
+"""One model instance on this node: its engine process and its InstanceRecord, kept in step.
+
+    STARTING ──/health OK and model listed──▶ READY ──drain()──▶ DRAINING ──▶ (record removed)
+       ▲                                        │
+       └── backoff ◀── FAILED ◀── engine exited / unhealthy / would not start
+
+A crashed engine is marked FAILED at once (the gateway stops routing to it), restarted after an
+exponential backoff, and the number of restarts and the last error stay in the record. Draining
+marks the record DRAINING, waits until etcd has it (so gateways stop sending new requests), waits
+for the engine's in-flight requests to finish (up to a grace period), and only then stops it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import aiohttp
+import structlog
+
+from agent.engines import EngineAdapter, EngineConfigError, EngineSpec
+from agent.registration import Registration
+from agent.supervisor import EngineProcess
+from controlplane.keys import Keys
+from controlplane.netutil import free_port
+from controlplane.pb import InstanceRecord, InstanceState
+
+log = structlog.get_logger(__name__)
+
+
+@dataclass(frozen=True)
+class InstanceTimings:
+    """How patient the lifecycle is; tests shrink these."""
+
+    startup_timeout_s: float = 1800.0     # model loading can take long on a cold file system
+    probe_interval_s: float = 0.25        # while STARTING
+    health_interval_s: float = 2.0        # while READY
+    unhealthy_after: int = 3              # consecutive failed probes before a restart
+    backoff_base_s: float = 1.0
+    backoff_max_s: float = 60.0
+    stable_after_s: float = 30.0          # READY this long resets the backoff
+    drain_settle_s: float = 0.5           # after DRAINING is in etcd, before trusting "0 in flight"
+    drain_unknown_wait_s: float = 5.0     # engines without metrics: wait this long (capped by grace)
+    stop_grace_s: float = 15.0            # TERM → KILL
+
+
+@dataclass
+class InstanceConfig:
+    """What to run: the model, its engine, and where."""
+
+    model: str
+    adapter: EngineAdapter
+    node_id: str
+    bind_host: str
+    advertise_host: str
+    log_dir: Path
+    source: str = ""
+    gpu_indices: tuple[int, ...] = ()
+    gpu_type: str = ""
+    extra_args: tuple[str, ...] = ()
+    template: tuple[str, ...] = ()
+    options: dict[str, str] = field(default_factory=dict)
+    owner: str = ""
+    assignment_id: str = ""
+    capacity_weight: float = 1.0
+
+
+def _now_ms() -> int:
+    return int(time.time() * 1000)
+
+
+class ManagedInstance:
+    """Runs one instance until drained; see the module docstring for the state machine."""
+
+    def __init__(self, instance_id: str, config: InstanceConfig, registration: Registration, keys: Keys,
+                 http: aiohttp.ClientSession, timings: InstanceTimings | None = None,
+                 port_picker: Callable[[str], int] = free_port) -> None:
+        self.config = config
+        self.registration = registration
+        self.http = http
+        self.timings = timings or InstanceTimings()
+        self.key = keys.instance(config.model, instance_id)
+        self.engine: EngineProcess | None = None
+        self._port_picker = port_picker
+        self._stop = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+        self.record = InstanceRecord(
+            instance_id=instance_id, model=config.model, node_id=config.node_id, engine=config.adapter.name,
+            gpu_indices=list(config.gpu_indices), gpu_type=config.gpu_type, started_unix_ms=_now_ms(),
+            owner=config.owner, assignment_id=config.assignment_id, capacity_weight=config.capacity_weight,
+        )
+
+    @property
+    def state(self) -> InstanceState.ValueType:
+        """The state last published."""
+        return self.record.state
+
+    def start(self) -> None:
+        """Start the lifecycle loop in the background."""
+        if self._task is None:
+            self._task = asyncio.create_task(self._run(), name=f"instance-{self.record.instance_id}")
+
+    def _publish(self, state: InstanceState.ValueType, error: str | None = None) -> None:
+        if state != self.record.state:
+            self.record.state_since_unix_ms = _now_ms()
+        self.record.state = state
+        if error is not None:
+            self.record.last_error = error[-500:]
+        self.registration.set(self.key, self.record.SerializeToString())
+        log.info("instance state", instance=self.record.instance_id, model=self.config.model,
+                 state=InstanceState.Name(state), endpoint=self.record.endpoint, error=error)
+
+    # -- lifecycle -------------------------------------------------------------------------
+
+    async def _run(self) -> None:
+        failures = 0
+        while not self._stop.is_set():
+            error, ready_since = await self._run_engine_once()
+            if self._stop.is_set():
+                return
+            if ready_since is not None and time.monotonic() - ready_since >= self.timings.stable_after_s:
+                failures = 0
+            failures += 1
+            self.record.restarts += 1
+            delay = min(self.timings.backoff_base_s * 2 ** (failures - 1), self.timings.backoff_max_s)
+            self._publish(InstanceState.FAILED, f"{error}; restart #{self.record.restarts} in {delay:.1f}s")
+            if self.engine is not None:
+                await self.engine.stop(self.timings.stop_grace_s)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._stop.wait(), delay)
+
+    async def _run_engine_once(self) -> tuple[str, float | None]:
+        """Start the engine and serve until it fails (returns why, and since when it was READY)
+        or a stop is requested (returns with the engine still running, for drain to handle)."""
+        cfg = self.config
+        port = self._port_picker(cfg.bind_host)
+        spec = EngineSpec(model=cfg.model, port=port, host=cfg.bind_host, source=cfg.source,
+                          gpu_indices=cfg.gpu_indices, extra_args=cfg.extra_args, template=cfg.template,
+                          options=dict(cfg.options))
+        try:
+            launch = cfg.adapter.build(spec)
+        except EngineConfigError as exc:
+            return f"engine configuration: {exc}", None
+        self.record.endpoint = f"http://{cfg.advertise_host}:{port}"
+        self.record.max_concurrency = launch.max_concurrency
+        self.engine = EngineProcess(launch, f"http://{_connect_host(cfg.bind_host, cfg.advertise_host)}:{port}",
+                                    cfg.log_dir / f"{self.record.instance_id}.log")
+        self._publish(InstanceState.STARTING)
+        try:
+            await self.engine.start()
+        except OSError as exc:
+            return f"cannot start {launch.argv[0]!r}: {exc.strerror or exc}", None
+        why = await self._wait_ready(self.engine)
+        if why is not None or self._stop.is_set():
+            return why or "", None
+        ready_since = time.monotonic()
+        self._publish(InstanceState.READY, error="" if self.record.restarts == 0 else None)
+        return await self._watch_health(self.engine), ready_since
+
+    async def _wait_ready(self, engine: EngineProcess) -> str | None:
+        deadline = time.monotonic() + self.timings.startup_timeout_s
+        last = "not probed yet"
+        while not self._stop.is_set():
+            if not engine.running:
+                return f"engine exited with status {engine.returncode} while starting (see {engine.log_path})"
+            if time.monotonic() > deadline:
+                return f"engine not ready after {self.timings.startup_timeout_s:.0f}s: {last}"
+            problem = await engine.probe(self.http, self.config.model)
+            if problem is None:
+                return None
+            last = problem
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._stop.wait(), self.timings.probe_interval_s)
+        return None
+
+    async def _watch_health(self, engine: EngineProcess) -> str:
+        bad = 0
+        exited = asyncio.ensure_future(engine.wait())
+        try:
+            while not self._stop.is_set():
+                stop = asyncio.ensure_future(self._stop.wait())
+                await asyncio.wait({exited, stop}, timeout=self.timings.health_interval_s,
+                                   return_when=asyncio.FIRST_COMPLETED)
+                stop.cancel()
+                if self._stop.is_set():
+                    return ""
+                if exited.done():
+                    return f"engine exited with status {engine.returncode} (see {engine.log_path})"
+                problem = await engine.probe(self.http, self.config.model)
+                bad = bad + 1 if problem else 0
+                if bad >= self.timings.unhealthy_after:
+                    return f"engine unhealthy: {problem}"
+            return ""
+        finally:
+            exited.cancel()
+
+    # -- drain -----------------------------------------------------------------------------
+
+    async def drain(self, grace_s: float) -> None:
+        """DRAINING → etcd has it → in-flight done (≤ grace) → engine stopped → record removed."""
+        self._stop.set()
+        if self._task is not None:
+            await self._task
+        engine = self.engine
+        serving = self.record.state == InstanceState.READY and engine is not None and engine.running
+        if serving:
+            self._publish(InstanceState.DRAINING)
+            deadline = time.monotonic() + grace_s
+            if not await self.registration.flush(timeout=min(5.0, grace_s)):
+                log.warning("DRAINING not confirmed in etcd; gateways may still route here until the lease ends",
+                            instance=self.record.instance_id)
+            assert engine is not None
+            await self._wait_idle(engine, deadline)
+        if engine is not None:
+            await engine.stop(self.timings.stop_grace_s)
+        self.registration.remove(self.key)
+        log.info("instance drained", instance=self.record.instance_id, model=self.config.model)
+
+    async def _wait_idle(self, engine: EngineProcess, deadline: float) -> None:
+        await asyncio.sleep(min(self.timings.drain_settle_s, max(0.0, deadline - time.monotonic())))
+        idle_polls = 0
+        unknown_until = time.monotonic() + self.timings.drain_unknown_wait_s
+        while time.monotonic() < deadline and engine.running:
+            n = await engine.in_flight(self.http)
+            if n is None and time.monotonic() >= unknown_until:
+                return
+            idle_polls = idle_polls + 1 if n == 0 else 0
+            if idle_polls >= 2:
+                return
+            await asyncio.sleep(0.1)
+        if engine.running:
+            log.warning("drain grace over with requests still in flight", instance=self.record.instance_id)
+
+
+def _connect_host(bind_host: str, advertise_host: str) -> str:
+    """Where the agent itself reaches the engine: the advertised address unless bound to one."""
+    return advertise_host if bind_host in ("0.0.0.0", "::", "") else bind_host

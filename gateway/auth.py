@@ -1,0 +1,113 @@
+"""API keys: generated once, stored only as a SHA-256 hash, checked against a watched copy.
+
+A key looks like ``mp-<43 url-safe chars>`` (256 bits). etcd holds ``keys/<sha256 hex>`` →
+ApiKey (owner, allowed models, limits, expiry), never the key. The gateway hashes the presented
+bearer token and looks the hash up in its in-memory table; comparing digests of a fixed length
+built from a secret the caller does not control gives no useful timing signal, and the final
+equality is checked with ``hmac.compare_digest``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import secrets
+import time
+from dataclasses import dataclass
+
+import structlog
+
+from controlplane.keys import RecordDecodeError, decode
+from controlplane.pb import ApiKey
+from controlplane.store import Changes, KeyValue, Resync, WatchUpdate
+from gateway.errors import Forbidden, Unauthorized
+
+log = structlog.get_logger(__name__)
+
+KEY_PREFIX = "mp-"
+
+
+def new_api_key() -> str:
+    """A fresh random API key (shown to its owner once)."""
+    return KEY_PREFIX + secrets.token_urlsafe(32)
+
+
+def key_hash(key: str) -> str:
+    """The hex SHA-256 of a key: its name in etcd."""
+    return hashlib.sha256(key.encode()).hexdigest()
+
+
+@dataclass(frozen=True, slots=True)
+class Principal:
+    """Who is calling: the key's public id and record (``anonymous`` when auth is off)."""
+
+    key_id: str
+    owner: str
+    record: ApiKey | None
+
+    def may_use(self, model: str) -> bool:
+        """Per-model access: a key with allowed_models may use only those."""
+        if self.record is None or self.record.admin or not self.record.allowed_models:
+            return True
+        return model in self.record.allowed_models
+
+
+ANONYMOUS = Principal("anonymous", "anonymous", None)
+
+
+class KeyTable:
+    """Hash → ApiKey, kept current by the keys/ watch."""
+
+    def __init__(self) -> None:
+        self._by_hash: dict[str, ApiKey] = {}
+        self.loaded = False
+
+    def apply(self, update: WatchUpdate) -> None:
+        """Apply a Resync or Changes from the keys watch."""
+        if isinstance(update, Resync):
+            self._by_hash = {}
+            for key, kv in update.items.items():
+                self._put(key, kv)
+            self.loaded = True
+        elif isinstance(update, Changes):
+            for change in update.changes:
+                digest = change.key.rsplit("/", 1)[-1]
+                if change.kv is None:
+                    self._by_hash.pop(digest, None)
+                else:
+                    self._put(change.key, change.kv)
+
+    def _put(self, key: str, kv: KeyValue) -> None:
+        digest = key.rsplit("/", 1)[-1]
+        try:
+            self._by_hash[digest] = decode(ApiKey, kv)
+        except RecordDecodeError as exc:
+            log.warning("skipping undecodable api key record", key=key, error=str(exc))
+            self._by_hash.pop(digest, None)
+
+    def __len__(self) -> int:
+        return len(self._by_hash)
+
+    def authenticate(self, authorization: str | None, now: float | None = None) -> Principal:
+        """The caller behind an ``Authorization`` header; raises Unauthorized with the reason."""
+        if not authorization:
+            raise Unauthorized("missing API key: send 'Authorization: Bearer <key>'")
+        scheme, _, token = authorization.partition(" ")
+        token = token.strip()
+        if scheme.lower() != "bearer" or not token:
+            raise Unauthorized("malformed Authorization header: expected 'Bearer <key>'")
+        digest = key_hash(token)
+        record = self._by_hash.get(digest)
+        if record is None or not hmac.compare_digest(digest, key_hash(token)):
+            raise Unauthorized("invalid API key")
+        if record.revoked:
+            raise Unauthorized("this API key was revoked")
+        if record.expires_unix and (now if now is not None else time.time()) >= record.expires_unix:
+            raise Unauthorized("this API key has expired")
+        return Principal(record.key_id, record.owner, record)
+
+
+def check_model_access(principal: Principal, model: str) -> None:
+    """Raise Forbidden when the key may not call ``model``."""
+    if not principal.may_use(model):
+        raise Forbidden(f"this API key may not use model '{model}'", param="model")

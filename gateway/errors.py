@@ -1,0 +1,82 @@
+"""Errors at the HTTP edge, always in the OpenAI envelope: {"error": {message, type, param, code}}.
+
+    GatewayError(status, message)          any error the gateway answers itself
+     ├── BadRequest        400  invalid_request_error
+     ├── Unauthorized      401  authentication_error
+     ├── Forbidden         403  permission_error
+     ├── ModelNotFound     404  model_not_found
+     ├── PayloadTooLarge   413  invalid_request_error
+     ├── RateLimited       429  rate_limit_exceeded (with Retry-After)
+     ├── NoCapacity        503  service_unavailable (no READY instance can take it)
+     ├── UpstreamFailed    502  upstream_error (every attempt failed before the first byte)
+     └── UpstreamTimeout   504  upstream_timeout
+"""
+
+from __future__ import annotations
+
+import orjson
+from aiohttp import web
+
+
+class GatewayError(Exception):
+    """An error the gateway answers itself, with the OpenAI envelope."""
+
+    status = 500
+    type = "server_error"
+    code: str | None = None
+
+    def __init__(self, message: str, *, param: str | None = None, headers: dict[str, str] | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.param = param
+        self.headers = headers or {}
+
+    def response(self, request_id: str | None = None) -> web.Response:
+        """The error as an HTTP response."""
+        return error_response(self.status, self.message, self.type, self.param, self.code, self.headers, request_id)
+
+
+def error_response(status: int, message: str, type_: str, param: str | None = None, code: str | None = None,
+                   headers: dict[str, str] | None = None, request_id: str | None = None) -> web.Response:
+    """An OpenAI-format error response."""
+    body = orjson.dumps({"error": {"message": message, "type": type_, "param": param, "code": code}})
+    hdrs = {"Content-Type": "application/json", **(headers or {})}
+    if request_id:
+        hdrs["X-Request-Id"] = request_id
+    return web.Response(status=status, body=body, headers=hdrs)
+
+
+class BadRequest(GatewayError):
+    status, type = 400, "invalid_request_error"
+
+
+class Unauthorized(GatewayError):
+    status, type, code = 401, "authentication_error", "invalid_api_key"
+
+
+class Forbidden(GatewayError):
+    status, type, code = 403, "permission_error", "model_not_allowed"
+
+
+class ModelNotFound(GatewayError):
+    status, type, code = 404, "invalid_request_error", "model_not_found"
+
+
+class PayloadTooLarge(GatewayError):
+    status, type, code = 413, "invalid_request_error", "payload_too_large"
+
+
+class RateLimited(GatewayError):
+    status, type, code = 429, "rate_limit_error", "rate_limit_exceeded"
+
+
+class NoCapacity(GatewayError):
+    status, type, code = 503, "service_unavailable", "no_capacity"
+
+
+class UpstreamFailed(GatewayError):
+    status, type, code = 502, "upstream_error", "upstream_failed"
+
+
+class UpstreamTimeout(GatewayError):
+    status, type, code = 504, "upstream_error", "upstream_timeout"

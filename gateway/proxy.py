@@ -1,0 +1,208 @@
+"""The data path: forward one OpenAI request to an instance and stream the answer back unchanged.
+
+    body ─▶ model ─▶ auth/access ─▶ pick(READY, in-flight) ─▶ POST upstream
+                                           ▲                      │ connect error / 5xx,
+                                           └── another instance ◀─┘ nothing sent to the client yet
+                                                                   │
+                                            first byte ─▶ stream chunks through as they arrive
+
+The body is forwarded byte for byte (nothing injected or stripped); upstream bytes are passed
+through undecoded (``auto_decompress=False``), so SSE framing, ``data: [DONE]``, ``usage`` and
+every other field reach the client exactly as the engine wrote them. Once the first byte has
+been sent the request is committed to that instance; a client that goes away cancels the
+handler, which closes the upstream connection so the engine stops generating.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import aiohttp
+import orjson
+import structlog
+from aiohttp import web
+from multidict import CIMultiDict
+
+from gateway.errors import BadRequest, GatewayError, NoCapacity, UpstreamFailed, UpstreamTimeout
+from gateway.routing import pick
+from gateway.table import Endpoint
+
+log = structlog.get_logger(__name__)
+
+# Never forwarded upstream: hop-by-hop headers, our own credentials, and what aiohttp recomputes.
+DROP_REQUEST_HEADERS = frozenset(h.lower() for h in (
+    "Host", "Connection", "Keep-Alive", "Proxy-Authorization", "Proxy-Connection", "TE", "Trailer",
+    "Transfer-Encoding", "Upgrade", "Content-Length", "Authorization", "Cookie", "Expect",
+))
+# Never passed back to the client: hop-by-hop headers and what our server sets itself.
+DROP_RESPONSE_HEADERS = frozenset(h.lower() for h in (
+    "Connection", "Keep-Alive", "Transfer-Encoding", "Content-Length", "Date", "Server", "Trailer", "Upgrade",
+))
+
+OnResult = Callable[[Endpoint, str | None], None]  # reason for a failure, None for success
+
+
+@dataclass(frozen=True)
+class ProxySettings:
+    """Retry and timeout policy of the data path."""
+
+    max_attempts: int = 3            # instances tried per request before giving up (before the first byte)
+    connect_timeout_s: float = 5.0
+    first_byte_timeout_s: float = 600.0   # engine queueing + prefill can be long
+    stall_timeout_s: float = 300.0   # max silence between chunks of a stream (no total cap)
+
+
+def parse_model(body: bytes) -> tuple[str, dict[str, object]]:
+    """The request's ``model`` and parsed JSON; BadRequest with a precise reason otherwise."""
+    if not body:
+        raise BadRequest("request body is empty; expected a JSON object")
+    try:
+        payload = orjson.loads(body)
+    except orjson.JSONDecodeError as exc:
+        raise BadRequest(f"request body is not valid JSON: {exc}") from None
+    if not isinstance(payload, dict):
+        raise BadRequest("request body must be a JSON object")
+    model = payload.get("model")
+    if not isinstance(model, str) or not model:
+        raise BadRequest("'model' is required and must be a string", param="model")
+    return model, payload
+
+
+def upstream_headers(request: web.Request, request_id: str) -> CIMultiDict[str]:
+    """The client's headers minus hop-by-hop ones and credentials, plus our request id."""
+    out: CIMultiDict[str] = CIMultiDict()
+    for name, value in request.headers.items():
+        if name.lower() not in DROP_REQUEST_HEADERS:
+            out.add(name, value)
+    out["X-Request-Id"] = request_id
+    return out
+
+
+class InFlight:
+    """Outstanding requests per instance, as this gateway process sees them."""
+
+    def __init__(self) -> None:
+        self.counts: dict[str, int] = {}
+        self.total = 0
+
+    def acquire(self, ep: Endpoint) -> None:
+        self.counts[ep.instance_id] = self.counts.get(ep.instance_id, 0) + 1
+        self.total += 1
+
+    def release(self, ep: Endpoint) -> None:
+        left = self.counts.get(ep.instance_id, 1) - 1
+        if left <= 0:
+            self.counts.pop(ep.instance_id, None)
+        else:
+            self.counts[ep.instance_id] = left
+        self.total -= 1
+
+
+class Forwarder:
+    """Sends requests upstream with retries before the first byte; one shared client session."""
+
+    def __init__(self, session: aiohttp.ClientSession, settings: ProxySettings) -> None:
+        self.session = session
+        self.settings = settings
+        self.in_flight = InFlight()
+        self.retries = 0
+        self._timeout = aiohttp.ClientTimeout(total=None, sock_connect=settings.connect_timeout_s,
+                                              sock_read=settings.first_byte_timeout_s)
+
+    async def forward(self, request: web.Request, path: str, body: bytes, candidates: tuple[Endpoint, ...],
+                      request_id: str, on_result: OnResult | None = None) -> web.StreamResponse:
+        """Answer ``request`` from one of ``candidates``; raises GatewayError when none can."""
+        if not candidates:
+            raise NoCapacity("no ready instance of this model right now; retry shortly")
+        headers = upstream_headers(request, request_id)
+        tried: set[str] = set()
+        last_error: GatewayError = UpstreamFailed("no instance could be reached")
+        attempts = min(self.settings.max_attempts, len(candidates))
+        for attempt in range(attempts):
+            ep = pick(candidates, self.in_flight.counts, exclude=tried)
+            if ep is None:
+                break
+            tried.add(ep.instance_id)
+            if attempt:
+                self.retries += 1
+            self.in_flight.acquire(ep)
+            try:
+                upstream = await self.session.post(ep.url + path, data=body, headers=headers, timeout=self._timeout,
+                                                   allow_redirects=False)
+            except (aiohttp.ClientConnectionError, aiohttp.ClientPayloadError, TimeoutError) as exc:
+                self.in_flight.release(ep)
+                reason = _describe(exc)
+                log.warning("upstream failed before first byte", instance=ep.instance_id, error=reason,
+                            attempt=attempt + 1, request_id=request_id)
+                if on_result:
+                    on_result(ep, reason)
+                last_error = (UpstreamTimeout if isinstance(exc, TimeoutError) else UpstreamFailed)(
+                    f"instance {ep.instance_id} of '{ep.model}' failed: {reason}")
+                continue
+            if upstream.status >= 500 and attempt + 1 < attempts:
+                upstream.release()
+                self.in_flight.release(ep)
+                log.warning("upstream answered 5xx; retrying elsewhere", instance=ep.instance_id,
+                            status=upstream.status, request_id=request_id)
+                if on_result:
+                    on_result(ep, f"HTTP {upstream.status}")
+                continue
+            if on_result:
+                on_result(ep, None if upstream.status < 500 else f"HTTP {upstream.status}")
+            try:
+                return await self._relay(request, upstream, request_id)
+            finally:
+                self.in_flight.release(ep)
+        raise last_error
+
+    async def _relay(self, request: web.Request, upstream: aiohttp.ClientResponse,
+                     request_id: str) -> web.StreamResponse:
+        """Copy status, headers and body to the client, chunk by chunk as they arrive."""
+        completed = False
+        try:
+            headers = CIMultiDict((k, v) for k, v in upstream.headers.items() if k.lower() not in DROP_RESPONSE_HEADERS)
+            headers["X-Request-Id"] = request_id
+            length = upstream.content_length
+            if length is not None and length <= 1 << 20:
+                data = await asyncio.wait_for(upstream.read(), self.settings.stall_timeout_s)
+                completed = True
+                return web.Response(status=upstream.status, body=data, headers=headers)
+            resp = web.StreamResponse(status=upstream.status, headers=headers)
+            if length is not None:
+                resp.content_length = length
+            await resp.prepare(request)
+            content = upstream.content
+            stall = self.settings.stall_timeout_s
+            while True:
+                try:
+                    chunk = await asyncio.wait_for(content.readany(), stall)
+                except TimeoutError:
+                    log.warning("upstream stalled; ending the stream", stall_s=stall, request_id=request_id)
+                    break
+                except aiohttp.ClientPayloadError as exc:
+                    log.warning("upstream broke mid-stream", error=str(exc), request_id=request_id)
+                    break
+                if not chunk:
+                    completed = True
+                    break
+                await resp.write(chunk)
+            if completed:
+                await resp.write_eof()
+            else:
+                # Cut the client's connection rather than pretending the stream ended cleanly.
+                if request.transport is not None:
+                    request.transport.close()
+            return resp
+        finally:
+            if completed:
+                upstream.release()
+            else:
+                upstream.close()  # the engine sees the disconnect and stops generating
+
+
+def _describe(exc: BaseException) -> str:
+    if isinstance(exc, TimeoutError):
+        return "timed out"
+    return str(exc) or type(exc).__name__
