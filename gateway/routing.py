@@ -34,10 +34,8 @@ def pick(candidates: Sequence[Endpoint], in_flight: Mapping[str, int], *,
     if j >= i:
         j += 1
     a, b = usable[i], usable[j]
-    sa, sb = load_score(a, in_flight), load_score(b, in_flight)
-    if sa == sb:
-        return a if a.instance_id < b.instance_id else b
-    return a if sa < sb else b
+    # ties go to ``a``, itself a random draw, so idle instances share the traffic evenly
+    return a if load_score(a, in_flight) <= load_score(b, in_flight) else b
 
 
 def pick_random(candidates: Sequence[Endpoint]) -> Endpoint | None:
