@@ -18,6 +18,7 @@ Parsing and name normalisation are pure functions, tested directly.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import shutil
@@ -89,7 +90,8 @@ def parse_gpu_override(text: str, visible: Sequence[str] = ()) -> list[GpuInfo]:
     for item in items:
         m = _OVERRIDE_ITEM.match(item)
         if m is None:
-            raise GpuDiscoveryError(f"--gpus item {item!r} is not COUNTxTYPE[:MEMORY], e.g. 2xA100-80GB or 1xMYGPU:24GB")
+            raise GpuDiscoveryError(
+                f"--gpus item {item!r} is not COUNTxTYPE[:MEMORY], e.g. 2xA100-80GB or 1xMYGPU:24GB")
         count = int(m["count"]) if m["count"] is not None else 1
         if count < 1 or count > MAX_OVERRIDE_GPUS:
             raise GpuDiscoveryError(f"--gpus item {item!r}: count must be 1..{MAX_OVERRIDE_GPUS}")
@@ -269,10 +271,8 @@ def query_nvml() -> list[RawGpu] | None:
         log.warning("nvml_query_failed", error=str(exc))
         return None
     finally:
-        try:
+        with contextlib.suppress(pynvml.NVMLError):
             pynvml.nvmlShutdown()
-        except pynvml.NVMLError:
-            pass
 
 
 def _text(value: bytes | str) -> str:

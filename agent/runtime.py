@@ -27,6 +27,8 @@ import structlog
 from agent.engines import get_adapter
 from agent.gpus import GpuInfo
 from agent.instance import InstanceConfig, InstanceTimings, ManagedInstance
+from agent.pool import DesiredState, RunningAssignment, wait_loaded
+from agent.pool import diff as pool_diff
 from agent.registration import Registration
 from agent.slurm import SlurmJobInfo
 from controlplane.keys import Keys
@@ -71,6 +73,7 @@ class AgentConfig:
     pool: bool = False
     labels: dict[str, str] = field(default_factory=dict)
     timings: InstanceTimings = field(default_factory=InstanceTimings)
+    engine_options: dict[str, dict[str, str]] = field(default_factory=dict)  # per engine, e.g. {"sim": {...}}
 
 
 def advertise_address(etcd_endpoint: str) -> str:
@@ -106,7 +109,14 @@ class Agent:
         self.keys = Keys(config.etcd.prefix)
         self.drain_requested = asyncio.Event()
         self.drain_reason = ""
-        self.instances: list[ManagedInstance] = []
+        self.instances: dict[str, ManagedInstance] = {}     # by assignment id (pool) or instance id (serve)
+        self._stopping: dict[str, asyncio.Task[None]] = {}
+        self._problems: set[str] = set()
+        self._node_draining = False
+        self._advertise = ""
+        self._bind = ""
+        self._registration: Registration | None = None
+        self._http: aiohttp.ClientSession | None = None
 
     def request_drain(self, reason: str) -> None:
         """Begin draining (signal handlers, job end clock, `ctl nodes drain`); idempotent."""
@@ -115,72 +125,159 @@ class Agent:
             log.info("drain requested", reason=reason)
             self.drain_requested.set()
 
-    def node_record(self, advertise: str, used: set[int]) -> NodeRecord:
+    def node_record(self) -> NodeRecord:
         """This node as etcd should see it."""
         cfg = self.config
-        end = cfg.slurm.end_time_unix if cfg.slurm else 0
+        used = {g for inst in self.instances.values() for g in inst.config.gpu_indices}
         rec = NodeRecord(
-            node_id=cfg.node_id, hostname=socket.gethostname(), address=advertise,
-            gpus=[g.to_pb() for g in cfg.gpus], pool=cfg.pool, started_unix_ms=int(time.time() * 1000),
-            agent_version=AGENT_VERSION, end_time_unix=end,
+            node_id=cfg.node_id, hostname=socket.gethostname(), address=self._advertise,
+            gpus=[g.to_pb() for g in cfg.gpus], pool=cfg.pool, started_unix_ms=self._started_ms,
+            agent_version=AGENT_VERSION, end_time_unix=cfg.slurm.end_time_unix if cfg.slurm else 0,
             free_gpu_indices=[g.index for g in cfg.gpus if g.index not in used], labels=cfg.labels,
+            draining=self._node_draining or self.drain_requested.is_set(),
         )
         if cfg.slurm:
             rec.slurm.CopyFrom(cfg.slurm.to_pb())
         return rec
 
+    def _publish_node(self) -> None:
+        assert self._registration is not None
+        self._registration.set(self.keys.node(self.config.node_id), self.node_record().SerializeToString())
+
+    def _start_instance(self, key: str, icfg: InstanceConfig) -> None:
+        assert self._registration is not None and self._http is not None
+        instance_id = f"{self.config.node_id}-{uuid.uuid4().hex[:8]}"
+        inst = ManagedInstance(instance_id, icfg, self._registration, self.keys, self._http, self.config.timings)
+        self.instances[key] = inst
+        inst.start()
+        self._publish_node()
+
+    async def _stop_instance(self, key: str) -> None:
+        inst = self.instances[key]
+        try:
+            await inst.drain(self.config.drain_grace_s)
+        finally:
+            self.instances.pop(key, None)
+            self._stopping.pop(key, None)
+            self._publish_node()
+
+    def _instance_config(self, model: str, engine: str, gpus: list[GpuInfo], **extra: object) -> InstanceConfig:
+        return InstanceConfig(
+            model=model, adapter=get_adapter(engine), node_id=self.config.node_id, bind_host=self._bind,
+            advertise_host=self._advertise, log_dir=self.config.log_dir, gpu_indices=tuple(g.index for g in gpus),
+            gpu_type=gpus[0].type if gpus else "", owner=self.config.owner,
+            options=dict(self.config.engine_options.get(engine, {})), **extra,  # type: ignore[arg-type]
+        )
+
     async def run(self) -> None:
         """Register, serve, and drain when asked; never exits because etcd blinked."""
         cfg = self.config
-        advertise = cfg.advertise_host or advertise_address(cfg.etcd.endpoints[0])
-        bind = cfg.bind_host or ("127.0.0.1" if advertise.startswith("127.") else "0.0.0.0")
-        gpu_sets = assign_gpus(cfg.gpus, cfg.serve)
+        self._started_ms = int(time.time() * 1000)
+        self._advertise = cfg.advertise_host or advertise_address(cfg.etcd.endpoints[0])
+        self._bind = cfg.bind_host or ("127.0.0.1" if self._advertise.startswith("127.") else "0.0.0.0")
+        gpu_sets = assign_gpus(cfg.gpus, cfg.serve) if cfg.serve else []
         store = await EtcdStore(cfg.etcd).connect()
-        registration = Registration(store)
+        registration = self._registration = Registration(store)
         session = LeaseSession(store, cfg.lease_ttl, on_granted=registration.on_granted,
                                on_lost=registration.on_lost, name=f"agent-{cfg.node_id}")
         registration.session = session
-        used = {g.index for gs in gpu_sets for g in gs}
-        registration.set(self.keys.node(cfg.node_id), self.node_record(advertise, used).SerializeToString())
+        self._publish_node()
         async with aiohttp.ClientSession() as http:
+            self._http = http
             for spec, gpus in zip(cfg.serve, gpu_sets, strict=True):
-                instance_id = f"{cfg.node_id}-{uuid.uuid4().hex[:8]}"
-                icfg = InstanceConfig(
-                    model=spec.model, adapter=get_adapter(spec.engine), node_id=cfg.node_id, bind_host=bind,
-                    advertise_host=advertise, log_dir=cfg.log_dir, source=spec.source,
-                    gpu_indices=tuple(g.index for g in gpus), gpu_type=gpus[0].type if gpus else "",
-                    extra_args=spec.extra_args, template=spec.template, options=dict(spec.options),
-                    owner=cfg.owner,
-                )
-                self.instances.append(ManagedInstance(instance_id, icfg, registration, self.keys, http,
-                                                      cfg.timings))
+                icfg = self._instance_config(spec.model, spec.engine, gpus, source=spec.source,
+                                             extra_args=spec.extra_args, template=spec.template)
+                icfg.options.update(spec.options)
+                self._start_instance(f"serve-{spec.model}", icfg)
             session.start()
-            sync = asyncio.create_task(registration.run(), name="registration")
-            clock = asyncio.create_task(self._job_end_clock(), name="job-end-clock")
-            for inst in self.instances:
-                inst.start()
-            log.info("agent running", node=cfg.node_id, address=advertise, models=[s.model for s in cfg.serve],
-                     gpus=[g.type for g in cfg.gpus], slurm_job=cfg.slurm.job_id if cfg.slurm else None)
+            desired = DesiredState(store, self.keys, cfg.node_id)
+            tasks = [asyncio.create_task(registration.run(), name="registration"),
+                     asyncio.create_task(self._job_end_clock(), name="job-end-clock"),
+                     asyncio.create_task(desired.run(), name="desired-state"),
+                     asyncio.create_task(self._follow_control(desired), name="node-control")]
+            if cfg.pool:
+                tasks.append(asyncio.create_task(self._reconcile_loop(desired), name="pool-reconcile"))
+            log.info("agent running", node=cfg.node_id, address=self._advertise, pool=cfg.pool,
+                     models=[s.model for s in cfg.serve], gpus=[g.type for g in cfg.gpus],
+                     slurm_job=cfg.slurm.job_id if cfg.slurm else None)
             try:
                 await self.drain_requested.wait()
                 await self.drain(registration)
             finally:
-                clock.cancel()
-                for inst in self.instances:  # a crash above must not leave engines behind
+                for t in tasks:
+                    t.cancel()
+                for inst in self.instances.values():  # a crash above must not leave engines behind
                     if inst.engine is not None and inst.engine.running:
                         await inst.engine.stop(5)
                 await session.close(revoke=True)
-                sync.cancel()
                 await store.close()
         log.info("agent stopped", node=self.config.node_id, reason=self.drain_reason)
 
     async def drain(self, registration: Registration) -> None:
         """Drain every instance concurrently, then remove the node record."""
         started = time.monotonic()
-        await asyncio.gather(*(inst.drain(self.config.drain_grace_s) for inst in self.instances))
+        self._publish_node()  # draining=true: the planner stops placing here
+        for key in list(self.instances):
+            if key not in self._stopping:
+                self._stopping[key] = asyncio.create_task(self._stop_instance(key))
+        if self._stopping:
+            await asyncio.gather(*list(self._stopping.values()), return_exceptions=True)
         registration.remove(self.keys.node(self.config.node_id))
         await registration.flush(timeout=3.0)
         log.info("drain complete", reason=self.drain_reason, seconds=round(time.monotonic() - started, 3))
+
+    async def _follow_control(self, desired: DesiredState) -> None:
+        """`ctl nodes drain`: a serve-mode agent drains and exits; a pool agent stops taking work."""
+        changed = desired.listener()
+        while True:
+            await changed.wait()
+            changed.clear()
+            if desired.drain_requested != self._node_draining:
+                self._node_draining = desired.drain_requested
+                self._publish_node()
+                if self._node_draining and not self.config.pool:
+                    reason = desired.control.reason if desired.control else ""
+                    self.request_drain(f"ctl nodes drain{': ' + reason if reason else ''}")
+
+    async def _reconcile_loop(self, desired: DesiredState) -> None:
+        """Pool mode: converge to desired/<node>/ forever (level-triggered; never dies)."""
+        changed = desired.listener()
+        if not await wait_loaded(desired, ("desired", "catalog", "control"), timeout=60):
+            log.warning("desired state not loaded yet; reconciling with what is known")
+        backoff = 1.0
+        while not self.drain_requested.is_set():
+            try:
+                self._reconcile_once(desired)
+                backoff = 1.0
+            except Exception:  # one bad round must not end the loop; the next round retries
+                log.exception("reconcile round failed", retry_in=backoff)
+                backoff = min(backoff * 2, 30.0)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(changed.wait(), backoff if backoff > 1 else 5.0)
+            changed.clear()
+
+    def _reconcile_once(self, desired: DesiredState) -> None:
+        running = {key: RunningAssignment(key, inst.config.model, inst.config.gpu_indices, inst.config.adapter.name)
+                   for key, inst in self.instances.items()
+                   if inst.config.assignment_id and key not in self._stopping}
+        plan = pool_diff(desired.assignments, running, desired.catalog, [g.index for g in self.config.gpus],
+                         draining=self._node_draining)
+        problems = set(plan.problems)
+        for p in problems - self._problems:
+            log.warning("assignment cannot run", problem=p)
+        self._problems = problems
+        for key in plan.stop:
+            log.info("stopping assignment", assignment=key)
+            self._stopping[key] = asyncio.create_task(self._stop_instance(key), name=f"stop-{key}")
+        by_index = {g.index: g for g in self.config.gpus}
+        for a in plan.start:
+            spec = desired.catalog[a.model]
+            engine = a.engine or spec.engine or "vllm"
+            gpus = [by_index[i] for i in a.gpu_indices]
+            log.info("starting assignment", assignment=a.assignment_id, model=a.model, gpus=list(a.gpu_indices))
+            self._start_instance(a.assignment_id, self._instance_config(
+                a.model, engine, gpus, source=spec.source, extra_args=tuple(spec.engine_args),
+                assignment_id=a.assignment_id))
 
     async def _job_end_clock(self) -> None:
         """Request a drain when the Slurm job's end time minus the drain window is reached."""

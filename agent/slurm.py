@@ -92,7 +92,7 @@ def parse_slurm_duration(text: str) -> int:
         raise ValueError(f"not a Slurm time limit: {text!r}")
     parts = [int(p) for p in (m["a"], m["b"], m["c"]) if p is not None]
     if m["days"] is not None:
-        hours, minutes, seconds = (parts + [0, 0])[:3]
+        hours, minutes, seconds = [*parts, 0, 0][:3]
         return ((int(m["days"]) * 24 + hours) * 60 + minutes) * 60 + seconds
     if len(parts) == 1:
         return parts[0] * 60

@@ -55,7 +55,11 @@ class EngineAdapter(Protocol):
 
 
 def cuda_env(spec: EngineSpec) -> dict[str, str]:
-    """CUDA_VISIBLE_DEVICES for the instance's GPUs (empty dict when none were given)."""
+    """CUDA_VISIBLE_DEVICES for the instance's GPUs (empty dict when none were given).
+
+    Indices are NVML's, which number GPUs by PCI bus; CUDA's default order is fastest-first, so
+    ``CUDA_DEVICE_ORDER=PCI_BUS_ID`` makes the engine see the same cards on mixed-GPU nodes.
+    """
     if not spec.gpu_indices:
         return {}
-    return {"CUDA_VISIBLE_DEVICES": ",".join(str(i) for i in spec.gpu_indices)}
+    return {"CUDA_DEVICE_ORDER": "PCI_BUS_ID", "CUDA_VISIBLE_DEVICES": ",".join(str(i) for i in spec.gpu_indices)}

@@ -51,7 +51,8 @@ def _substitute(item: str, values: dict[str, str]) -> str:
     try:
         parsed = list(_FORMATTER.parse(item))
     except ValueError as exc:  # a single "{" or "}"
-        raise EngineConfigError(f"command template item {item!r}: {exc} (write {{{{ or }}}} for a literal brace)") from None
+        raise EngineConfigError(
+            f"command template item {item!r}: {exc} (write {{{{ or }}}} for a literal brace)") from None
     for literal, field, spec, conversion in parsed:
         out.append(literal)
         if field is None:

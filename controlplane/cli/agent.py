@@ -40,6 +40,9 @@ Examples:
 
   # a simulated engine on a host without GPUs
   ctl agent --etcd 127.0.0.1:2379 --serve demo --engine sim --gpus 1xSIM-24GB --sim-option ttft_ms=50
+
+  # donate 4 GPUs to the planner (pool mode)
+  ctl agent --etcd etcd1:2379 --pool
 """
 
 
@@ -66,7 +69,10 @@ def parse_serve(item: str) -> tuple[str, int]:
 
 @app.command(epilog=EXAMPLE)
 def agent(
-    serve: Annotated[list[str], typer.Option("--serve", help="Model to serve (MODEL or MODEL@GPUS); repeatable.")],
+    serve: Annotated[list[str] | None, typer.Option("--serve", help="Model to serve (MODEL or MODEL@GPUS); "
+                                                     "repeatable.")] = None,
+    pool: Annotated[bool, typer.Option("--pool", help="Offer this node's GPUs to the planner and run what it "
+                                       "assigns (desired/<node>/).")] = False,
     engine: Annotated[str, typer.Option("--engine", help=f"Engine: {', '.join(sorted(ADAPTERS))}.")] = "vllm",
     source: Annotated[str, typer.Option("--source", help="Weights path or HF id (default: the model name).")] = "",
     engine_arg: Annotated[list[str] | None, typer.Option("--engine-arg", help="Extra engine argument; repeatable, "
@@ -103,6 +109,8 @@ def agent(
     requests finish (up to --drain-grace), engines stop, records disappear, the lease is revoked.
     """
     configure_logging(component="agent")
+    if not serve and not pool:
+        fail("nothing to do: give --serve MODEL, --pool, or both", ExitCode.USAGE)
     config = etcd_config(etcd, etcd_prefix, etcd_cacert, etcd_cert, etcd_key, etcd_user)
     if engine not in ADAPTERS:
         fail(f"unknown engine {engine!r}; known: {', '.join(sorted(ADAPTERS))}", ExitCode.USAGE)
@@ -110,14 +118,17 @@ def agent(
         parsed_template = parse_command_template(template) if template else ()
     except EngineConfigError as exc:
         fail(str(exc), ExitCode.USAGE)
-    options = {**parse_pairs(engine_option or [], "--engine-option"), **parse_pairs(sim_option or [], "--sim-option")}
+    # --engine-option applies to --engine; --sim-option to the sim engine (also when the planner assigns it)
+    engine_options: dict[str, dict[str, str]] = {engine: parse_pairs(engine_option or [], "--engine-option")}
+    engine_options.setdefault("sim", {}).update(parse_pairs(sim_option or [], "--sim-option"))
+    options = engine_options[engine]
     try:
         found = discover_gpus(gpus)
     except GpuDiscoveryError as exc:
         fail(str(exc), ExitCode.USAGE)
     slurm = detect_slurm_job()
     specs = []
-    for item in serve:
+    for item in serve or []:
         model, count = parse_serve(item)
         specs.append(ServeSpec(model=model, engine=engine, source=source, extra_args=tuple(engine_arg or []),
                                template=parsed_template, options=options, gpus=count))
@@ -126,10 +137,11 @@ def agent(
         bind_host=bind_host, advertise_host=advertise_address, lease_ttl=lease_ttl, drain_grace_s=drain_grace,
         drain_window_s=drain_window, log_dir=log_dir, owner=owner or (slurm.user if slurm else "") or
         os.environ.get("USER", ""), labels=parse_pairs(label or [], "--label"),
-        timings=InstanceTimings(startup_timeout_s=startup_timeout),
+        timings=InstanceTimings(startup_timeout_s=startup_timeout), pool=pool, engine_options=engine_options,
     )
     try:
-        assign_gpus(cfg.gpus, cfg.serve)
+        if cfg.serve:
+            assign_gpus(cfg.gpus, cfg.serve)
     except ValueError as exc:
         fail(str(exc), ExitCode.USAGE)
 
