@@ -21,7 +21,7 @@ import os
 import random
 import time
 import uuid
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, replace
 from typing import Any
 
 from aiohttp import web
@@ -153,18 +153,22 @@ class SimEngine:
         return web.json_response({"object": "list", "data": [card]})
 
     async def set_faults(self, request: web.Request) -> web.Response:
-        body = await self._json(request)
+        try:
+            body = await self._json(request)
+        except ApiError as err:
+            return err.response()
         allowed = {"error_rate", "hang_rate", "crash_after", "ttft_ms", "tokens_per_s"}
         unknown = set(body) - allowed
         if unknown:
             return ApiError(400, f"unknown fault fields {sorted(unknown)}; allowed: {sorted(allowed)}").response()
         types = {f.name: f.type for f in fields(SimConfig)}
-        for key, value in body.items():
-            setattr(self.config, key, int(value) if types[key] == "int" else float(value))
         try:
-            self.config.validate()
-        except ValueError as exc:
-            return ApiError(400, str(exc)).response()
+            updates = {k: int(v) if types[k] == "int" else float(v) for k, v in body.items()}
+            replace(self.config, **updates).validate()  # check on a copy: a rejected update changes nothing
+        except (TypeError, ValueError) as exc:
+            return ApiError(400, f"bad fault update: {exc}").response()
+        for key, value in updates.items():
+            setattr(self.config, key, value)
         return web.json_response({k: getattr(self.config, k) for k in sorted(allowed)})
 
     async def chat(self, request: web.Request) -> web.StreamResponse:

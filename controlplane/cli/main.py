@@ -16,7 +16,7 @@ app = typer.Typer(
 
 def _register() -> None:
     # One import per command module; each module adds its commands to `app`.
-    from controlplane.cli import agent, dev, gateway, status  # noqa: F401
+    from controlplane.cli import agent, dev, gateway, keys, models, status  # noqa: F401
 
 
 def main() -> None:

@@ -37,13 +37,22 @@ while :; do sleep 1; done
 """
 
 # Stands in for `ctl`: records its argv and pid, waits for USR1 (or exits at once with EXIT_NOW=1).
-FAKE_CTL = """#!/bin/bash
-out="$FAKE_CTL_OUT"
-printf '%s\\n' "$@" > "$out/argv"
-date +%s > "$out/started"
-[ "${EXIT_NOW:-0}" = 1 ] && exit 0
-trap 'date +%s > "$out/usr1"; exit 0' USR1
-while :; do sleep 1; done
+# A stand-in for `ctl`, in Python like the real one: the templates ignore USR1 before `exec`
+# (so an early signal cannot kill the agent during start-up) and only a program that installs
+# its own handler gets it afterwards; bash cannot trap a signal ignored on entry.
+FAKE_CTL = f"""#!{sys.executable}
+import os, signal, sys, time
+out = os.environ["FAKE_CTL_OUT"]
+open(os.path.join(out, "argv"), "w").write("\\n".join(sys.argv[1:]) + "\\n")
+open(os.path.join(out, "started"), "w").write(str(int(time.time())))
+if os.environ.get("EXIT_NOW") == "1":
+    sys.exit(0)
+def on_usr1(*_):
+    open(os.path.join(out, "usr1"), "w").write(str(int(time.time())))
+    sys.exit(0)
+signal.signal(signal.SIGUSR1, on_usr1)
+while True:
+    time.sleep(1)
 """
 
 
