@@ -14,9 +14,23 @@ app = typer.Typer(
 )
 
 
+# Command modules under controlplane/cli/, one per line, in `ctl --help` order.
+COMMAND_MODULES = (
+    "dev",
+    "status",
+    "agent",
+    "gateway",
+    "models",
+    "keys",
+)
+
+
 def _register() -> None:
-    # One import per command module; each module adds its commands to `app`.
-    from controlplane.cli import agent, dev, gateway, keys, models, status  # noqa: F401
+    # One import per command module; each module adds its commands to `app` when imported.
+    import importlib
+
+    for name in COMMAND_MODULES:
+        importlib.import_module(f"controlplane.cli.{name}")
 
 
 def main() -> None:
