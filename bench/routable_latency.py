@@ -23,10 +23,10 @@ import aiohttp
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from controlplane.etcdproc import EtcdProcess  # noqa: E402
-from controlplane.keys import Keys  # noqa: E402
-from controlplane.store import Changes, EtcdConfig, EtcdStore, watch_prefix  # noqa: E402
-from tests.cluster import Sim, instance_record, start_gateway, stop_all  # noqa: E402
+from controlplane.etcdproc import EtcdProcess
+from controlplane.keys import Keys
+from controlplane.store import Changes, EtcdConfig, EtcdStore, watch_prefix
+from tests.cluster import Sim, instance_record, start_gateway, stop_all
 
 
 def pct(values: list[float], q: float) -> float:

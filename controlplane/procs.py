@@ -5,6 +5,7 @@ Used by `ctl dev` and the tests to run etcd, gateways, agents and engines.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import os
 import signal
@@ -46,20 +47,16 @@ def spawn(argv: Sequence[str], log_path: Path | None = None, env: Mapping[str, s
 
 def signal_group(proc: subprocess.Popen[bytes], sig: int) -> None:
     """Send ``sig`` to the process group of ``proc`` (ignores groups already gone)."""
-    try:
+    with contextlib.suppress(ProcessLookupError, PermissionError):
         os.killpg(proc.pid, sig)
-    except (ProcessLookupError, PermissionError):
-        pass
 
 
 def stop(proc: subprocess.Popen[bytes], timeout: float = 10.0, sig: int = signal.SIGTERM) -> int | None:
     """Signal the group, wait up to ``timeout``, then SIGKILL the group. Returns the exit code."""
     if proc.poll() is None:
         signal_group(proc, sig)
-        try:
+        with contextlib.suppress(subprocess.TimeoutExpired):
             proc.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            pass
     # Kill stragglers in the group even when the leader already exited.
     signal_group(proc, signal.SIGKILL)
     try:
@@ -75,12 +72,8 @@ def stop_all(procs: Sequence[subprocess.Popen[bytes]], timeout: float = 10.0) ->
             signal_group(p, signal.SIGTERM)
     deadline = time.monotonic() + timeout
     for p in procs:
-        try:
+        with contextlib.suppress(subprocess.TimeoutExpired):
             p.wait(timeout=max(0.0, deadline - time.monotonic()))
-        except subprocess.TimeoutExpired:
-            pass
         signal_group(p, signal.SIGKILL)
-        try:
+        with contextlib.suppress(subprocess.TimeoutExpired):
             p.wait(timeout=5)
-        except subprocess.TimeoutExpired:
-            pass

@@ -7,12 +7,13 @@ import math
 import random
 from typing import Any
 
-WORDS = (
+_SENTENCE = (
     "the pool serves every model through one endpoint while idle accelerators join and leave "
     "with their jobs so researchers call models instead of building environments and waiting "
     "for queues a planner places replicas where they cost least and gateways route requests "
     "to healthy instances streaming tokens back as they are generated"
-).split()
+)
+WORDS = _SENTENCE.split()
 
 
 def seed_for(*parts: object) -> int:

@@ -28,7 +28,7 @@ class ExitCode(enum.IntEnum):
     ERROR = 255          # anything else
 
 
-class OutputFormat(str, enum.Enum):
+class OutputFormat(enum.StrEnum):
     """-o/--output values."""
 
     table = "table"
@@ -39,10 +39,13 @@ EtcdOpt = Annotated[str | None, typer.Option("--etcd", envvar="MODELPOOL_ETCD",
                                              help="etcd endpoints, comma-separated (host:port or https://host:port).")]
 PrefixOpt = Annotated[str | None, typer.Option("--etcd-prefix", envvar="MODELPOOL_ETCD_PREFIX",
                                                help="Key prefix of this pool in etcd (default: /modelpool).")]
-CaOpt = Annotated[Path | None, typer.Option("--etcd-cacert", envvar="MODELPOOL_ETCD_CACERT", help="CA certificate (enables TLS).")]
-CertOpt = Annotated[Path | None, typer.Option("--etcd-cert", envvar="MODELPOOL_ETCD_CERT", help="Client certificate (mTLS).")]
+CaOpt = Annotated[Path | None, typer.Option("--etcd-cacert", envvar="MODELPOOL_ETCD_CACERT",
+                                            help="CA certificate (enables TLS).")]
+CertOpt = Annotated[Path | None, typer.Option("--etcd-cert", envvar="MODELPOOL_ETCD_CERT",
+                                              help="Client certificate (mTLS).")]
 KeyOpt = Annotated[Path | None, typer.Option("--etcd-key", envvar="MODELPOOL_ETCD_KEY", help="Client key (mTLS).")]
-UserOpt = Annotated[str | None, typer.Option("--etcd-user", envvar="MODELPOOL_ETCD_USER", help="etcd user (password from MODELPOOL_ETCD_PASSWORD).")]
+UserOpt = Annotated[str | None, typer.Option("--etcd-user", envvar="MODELPOOL_ETCD_USER",
+                                             help="etcd user (password from MODELPOOL_ETCD_PASSWORD).")]
 OutputOpt = Annotated[OutputFormat, typer.Option("-o", "--output", help="Output format: table or json.")]
 
 

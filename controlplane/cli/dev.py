@@ -128,7 +128,9 @@ def _ready_banner(c: DevCluster) -> str:
     url = f"http://127.0.0.1:{c.gateway_port}/v1"
     m = c.models[0]
     assert c.etcd is not None
-    env_hint = "" if c.etcd.client_port == 2379 else f"\n  export MODELPOOL_ETCD={c.etcd.endpoint}   # for other ctl commands\n"
+    default_port = c.etcd.client_port == 2379
+    env_hint = "" if default_port else f"\n  export MODELPOOL_ETCD={c.etcd.endpoint}   # for other ctl commands\n"
+    status_cmd = "ctl status" if default_port else f"ctl status --etcd {c.etcd.endpoint}"
     return f"""
 [bold green]modelpool dev is ready[/]: gateway {url}  etcd {c.etcd.endpoint}  models {", ".join(c.models)}
 {env_hint}
@@ -136,9 +138,10 @@ def _ready_banner(c: DevCluster) -> str:
     -d '{{"model": "{m}", "messages": [{{"role": "user", "content": "Hello!"}}], "stream": true}}'
 
   python -c 'from openai import OpenAI; c = OpenAI(base_url="{url}", api_key="dev"); \\
-print(c.chat.completions.create(model="{m}", messages=[{{"role": "user", "content": "Hi"}}]).choices[0].message.content)'
+r = c.chat.completions.create(model="{m}", messages=[{{"role": "user", "content": "Hi"}}]); \\
+print(r.choices[0].message.content)'
 
-  ctl status{"" if c.etcd.client_port == 2379 else " --etcd " + c.etcd.endpoint}      logs: {c.logs}      Ctrl-C stops everything.
+  {status_cmd}      logs: {c.logs}      Ctrl-C stops everything.
 """
 
 
@@ -153,9 +156,12 @@ def _raise_stop(signum: int, _frame: object) -> None:
 @app.command(epilog="Example:  ctl dev   |   ctl dev --gateway-port 9000 --models demo-chat,my-model")
 def dev(
     gateway_port: Annotated[int, typer.Option(help="Port of the gateway on 127.0.0.1.")] = 8080,
-    models: Annotated[str, typer.Option(help="Comma-separated demo model names, one sim agent each.")] = ",".join(DEMO_MODELS),
-    etcd_port: Annotated[int | None, typer.Option(help="etcd client port (default: 2379 if free, else any free port).")] = None,
-    workdir: Annotated[Path | None, typer.Option(help="Directory for etcd data and logs (default: a temp dir, removed on exit).")] = None,
+    models: Annotated[str, typer.Option(
+        help="Comma-separated demo model names, one sim agent each.")] = ",".join(DEMO_MODELS),
+    etcd_port: Annotated[int | None, typer.Option(
+        help="etcd client port (default: 2379 if free, else any free port).")] = None,
+    workdir: Annotated[Path | None, typer.Option(
+        help="Directory for etcd data and logs (default: a temp dir, removed on exit).")] = None,
     timeout: Annotated[float, typer.Option(help="Seconds to wait for everything to become ready.")] = 60.0,
 ) -> None:
     """Run etcd, a gateway and sim-engine agents on this machine; Ctrl-C stops them all."""
@@ -172,7 +178,8 @@ def dev(
     signal.signal(signal.SIGINT, _raise_stop)
     code = ExitCode.OK
     try:
-        with Progress(SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
+        with Progress(SpinnerColumn(), TextColumn("{task.description}"), BarColumn(),
+                      TextColumn("{task.completed}/{task.total}"),
                       TimeElapsedColumn(), console=console, transient=True) as progress:
             task = progress.add_task("starting etcd", total=len(names) + 2)
             try:

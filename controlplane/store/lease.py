@@ -158,10 +158,8 @@ class LeaseSession:
             remaining = self.expires_at - self._clock()
             if remaining <= 0:
                 return
-            if failing:
-                delay = min(0.5, remaining / 4)
-            else:
-                delay = ttl / 3 * (1 - 0.25 * self._rng())  # jitter: never later than TTL/3
+            # Failing: retry fast while time is left. Healthy: renew at TTL/3 with jitter (never later).
+            delay = min(0.5, remaining / 4) if failing else ttl / 3 * (1 - 0.25 * self._rng())
             lost_wait = asyncio.create_task(self._lost_now.wait())
             done, _ = await asyncio.wait({lost_wait}, timeout=max(0.05, min(delay, remaining)))
             lost_wait.cancel()
