@@ -137,7 +137,7 @@ def _ready_banner(c: DevCluster) -> str:
   curl {url}/chat/completions -H 'Content-Type: application/json' \\
     -d '{{"model": "{m}", "messages": [{{"role": "user", "content": "Hello!"}}], "stream": true}}'
 
-  python -c 'from openai import OpenAI; c = OpenAI(base_url="{url}", api_key="dev"); \\
+  pip install openai && python -c 'from openai import OpenAI; c = OpenAI(base_url="{url}", api_key="dev"); \\
 r = c.chat.completions.create(model="{m}", messages=[{{"role": "user", "content": "Hi"}}]); \\
 print(r.choices[0].message.content)'
 
@@ -199,7 +199,7 @@ def dev(
                 if time.monotonic() > deadline:
                     raise RuntimeError(f"not ready after {timeout:.0f}s; see the logs in {cluster.logs}")
                 time.sleep(0.1)
-        console.print(_ready_banner(cluster), highlight=False)
+        console.print(_ready_banner(cluster), highlight=False, soft_wrap=True)  # commands stay copyable
         print(f"ready gateway=http://127.0.0.1:{gateway_port}/v1 etcd={cluster.etcd.endpoint if cluster.etcd else ''}",
               flush=True)
         while (dead := cluster.dead_child()) is None:

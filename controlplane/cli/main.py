@@ -22,6 +22,7 @@ COMMAND_MODULES = (
     "gateway",
     "models",
     "keys",
+    "nodes",
 )
 
 
