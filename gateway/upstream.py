@@ -1,0 +1,355 @@
+"""A lean HTTP/1.1 client for the data path: keep-alive connection pools parsed with httptools.
+
+The gateway sends one kind of request upstream — a POST with a body already in memory — and
+relays the answer byte for byte. A general client (aiohttp's) spends most of its per-request time
+on things this path never needs (cookie jars, tracing, redirects, a multidict per response,
+decompression), so the data path uses this one instead:
+
+    UpstreamPool.request(url, path, headers, body)
+        │ idle keep-alive connection to host:port (or a new one; connect timeout)
+        ▼
+    Connection (asyncio.Protocol) ── one write: request line + headers + body
+        │ httptools parses status/headers, de-chunks the body
+        ▼
+    UpstreamResponse: status, headers, content_length, read_some(timeout), read_all(timeout)
+
+Flow control: the connection stops reading from the socket while more than ``HIGH_WATER`` bytes
+wait for the client, and resumes when the gateway has written them. A connection goes back to
+the pool only when its response was read to the end and both sides allow keep-alive; anything
+else (client gone, stall, parse error) closes it, so the engine sees the disconnect and stops
+generating. A reused idle connection that the engine closed in the meantime fails before any
+response byte; ``request`` then retries once on a fresh connection (the request never reached
+an engine that could act on it).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+from collections.abc import Iterable
+from urllib.parse import urlsplit
+
+import httptools
+
+HIGH_WATER = 256 * 1024   # buffered response bytes before the socket is paused
+MAX_IDLE_PER_HOST = 256   # idle keep-alive connections kept per upstream
+
+
+class UpstreamError(Exception):
+    """The upstream could not be reached or broke before its response headers arrived."""
+
+
+class UpstreamTimeout(UpstreamError, TimeoutError):
+    """Connecting, waiting for the response headers or for the next body bytes took too long."""
+
+
+class UpstreamBroken(Exception):
+    """The response body ended early or could not be parsed (after the headers arrived)."""
+
+
+class _Connection(asyncio.Protocol):
+    """One keep-alive TCP connection; serves one request at a time."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.loop = loop
+        self.transport: asyncio.Transport | None = None
+        self.closed = False
+        self.idle_since = 0.0
+        self._parser = httptools.HttpResponseParser(self)
+        self._response: UpstreamResponse | None = None
+        self._headers_waiter: asyncio.Future[None] | None = None
+        self._header_list: list[tuple[bytes, bytes]] = []
+        self._got_bytes = False
+
+    # -- asyncio.Protocol ------------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+
+    def data_received(self, data: bytes) -> None:
+        self._got_bytes = True
+        try:
+            self._parser.feed_data(data)
+        except httptools.HttpParserUpgrade:
+            self._fail(UpstreamBroken("upstream tried to upgrade the connection"))
+        except httptools.HttpParserError as exc:
+            self._fail(UpstreamBroken(f"malformed HTTP response: {exc}"))
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closed = True
+        resp = self._response
+        if resp is not None and not resp.complete:
+            if resp.headers_received:
+                # No Content-Length and no chunking: the body ends with the connection.
+                if resp.content_length is None and not resp.chunked:
+                    resp._finish()
+                else:
+                    resp._fail(UpstreamBroken("upstream closed the connection mid-response"))
+            else:
+                self._fail(UpstreamError("connection closed before the response"
+                                         + (f": {exc}" if exc else "")))
+
+    def pause_writing(self) -> None:  # the request body is written in one go; nothing to pause
+        pass
+
+    def resume_writing(self) -> None:
+        pass
+
+    # -- httptools callbacks ---------------------------------------------------------------
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self._header_list.append((name, value))
+
+    def on_headers_complete(self) -> None:
+        resp = self._response
+        if resp is None:
+            return
+        resp.status = self._parser.get_status_code()
+        resp.headers = self._header_list
+        for name, value in self._header_list:
+            lname = name.lower()
+            if lname == b"content-length":
+                try:
+                    resp.content_length = int(value)
+                except ValueError:
+                    self._fail(UpstreamBroken(f"bad Content-Length {value!r}"))
+                    return
+            elif lname == b"transfer-encoding" and b"chunked" in value.lower():
+                resp.chunked = True
+        resp.headers_received = True
+        waiter = self._headers_waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    def on_body(self, body: bytes) -> None:
+        if self._response is not None:
+            self._response._feed(body)
+
+    def on_message_complete(self) -> None:
+        resp = self._response
+        if resp is not None:
+            resp.keep_alive = self._parser.should_keep_alive()
+            resp._finish()
+
+    # -- request ---------------------------------------------------------------------------
+
+    def _fail(self, exc: Exception) -> None:
+        waiter = self._headers_waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_exception(exc if not isinstance(exc, UpstreamBroken) else UpstreamError(str(exc)))
+        if self._response is not None and self._response.headers_received:
+            self._response._fail(exc)
+        self.close()
+
+    def close(self) -> None:
+        self.closed = True
+        if self.transport is not None:
+            self.transport.close()
+
+    def start(self, payload: bytes, response: UpstreamResponse) -> asyncio.Future[None]:
+        """Write the request; the returned future resolves when the response headers are in."""
+        assert self.transport is not None
+        self._parser = httptools.HttpResponseParser(self)
+        self._header_list = []
+        self._got_bytes = False
+        self._response = response
+        self._headers_waiter = self.loop.create_future()
+        self.transport.write(payload)
+        return self._headers_waiter
+
+    @property
+    def got_bytes(self) -> bool:
+        """Whether any byte of the current response arrived."""
+        return self._got_bytes
+
+
+class UpstreamResponse:
+    """Status, raw headers and a readable body of one upstream answer."""
+
+    __slots__ = ("_buffer", "_buffered", "_conn", "_error", "_pool", "_key", "_waiter", "chunked",
+                 "complete", "content_length", "headers", "headers_received", "keep_alive", "released", "status")
+
+    def __init__(self, pool: UpstreamPool, key: tuple[str, int], conn: _Connection) -> None:
+        self._pool = pool
+        self._key = key
+        self._conn = conn
+        self.status = 0
+        self.headers: list[tuple[bytes, bytes]] = []
+        self.content_length: int | None = None
+        self.chunked = False
+        self.headers_received = False
+        self.complete = False
+        self.keep_alive = False
+        self.released = False
+        self._buffer: collections.deque[bytes] = collections.deque()
+        self._buffered = 0
+        self._waiter: asyncio.Future[None] | None = None
+        self._error: Exception | None = None
+
+    # fed by the connection
+    def _feed(self, data: bytes) -> None:
+        self._buffer.append(data)
+        self._buffered += len(data)
+        if self._buffered > HIGH_WATER and self._conn.transport is not None:
+            self._conn.transport.pause_reading()
+        self._wake()
+
+    def _finish(self) -> None:
+        self.complete = True
+        self._wake()
+
+    def _fail(self, exc: Exception) -> None:
+        if self._error is None:
+            self._error = exc
+        self._wake()
+
+    def _wake(self) -> None:
+        waiter = self._waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    # used by the gateway
+    async def read_some(self, timeout: float) -> bytes:
+        """Every body byte buffered now (waiting up to ``timeout`` s for some); b"" at the end."""
+        if not self._buffer and not self.complete and self._error is None:
+            loop = self._conn.loop
+            self._waiter = waiter = loop.create_future()
+            timer = loop.call_later(timeout, _expire, waiter)
+            try:
+                await waiter
+            finally:
+                timer.cancel()
+                self._waiter = None
+        if self._buffer:
+            data = self._buffer.popleft() if len(self._buffer) == 1 else b"".join(self._buffer)
+            self._buffer.clear()
+            if self._buffered > HIGH_WATER and self._conn.transport is not None:
+                self._conn.transport.resume_reading()
+            self._buffered = 0
+            return data
+        if self._error is not None:
+            raise self._error
+        if self.complete:
+            self.release()
+            return b""
+        raise UpstreamTimeout(f"no response bytes for {timeout:g} s")
+
+    async def read_all(self, timeout: float) -> bytes:
+        """The whole body; ``timeout`` applies to each silence between bytes."""
+        parts: list[bytes] = []
+        while chunk := await self.read_some(timeout):
+            parts.append(chunk)
+        return b"".join(parts)
+
+    def release(self) -> None:
+        """Done with the response: reuse the connection if it ended cleanly, else close it."""
+        if self.released:
+            return
+        self.released = True
+        conn = self._conn
+        conn._response = None
+        if self.complete and self.keep_alive and self._error is None and not conn.closed:
+            self._pool._put_idle(self._key, conn)
+        else:
+            conn.close()
+
+    def close(self) -> None:
+        """Abandon the response and its connection (the engine sees the disconnect)."""
+        if not self.released:
+            self.released = True
+            self._conn._response = None
+            self._conn.close()
+
+
+def _expire(waiter: asyncio.Future[None]) -> None:
+    if not waiter.done():
+        waiter.set_result(None)  # read_some sees no data and raises UpstreamTimeout
+
+
+class UpstreamPool:
+    """Keep-alive connections per upstream ``host:port``; one per in-flight request."""
+
+    def __init__(self, connect_timeout_s: float = 5.0, max_idle_per_host: int = MAX_IDLE_PER_HOST) -> None:
+        self.connect_timeout_s = connect_timeout_s
+        self.max_idle_per_host = max_idle_per_host
+        self._idle: dict[tuple[str, int], list[_Connection]] = {}
+        self._hosts: dict[str, tuple[tuple[str, int], bytes]] = {}
+        self._closed = False
+
+    def _target(self, base_url: str) -> tuple[tuple[str, int], bytes]:
+        hit = self._hosts.get(base_url)
+        if hit is None:
+            parts = urlsplit(base_url)
+            if parts.scheme != "http" or not parts.hostname:
+                raise UpstreamError(f"unsupported upstream URL {base_url!r} (plain http://host:port only)")
+            port = parts.port or 80
+            host_header = parts.netloc.encode("idna" if not parts.netloc.isascii() else "ascii")
+            hit = ((parts.hostname, port), host_header)
+            if len(self._hosts) > 4096:
+                self._hosts.clear()
+            self._hosts[base_url] = hit
+        return hit
+
+    async def request(self, base_url: str, path: str, headers: Iterable[tuple[str, str]], body: bytes,
+                      first_byte_timeout_s: float) -> UpstreamResponse:
+        """POST ``body`` to ``base_url + path``; returns once the response headers arrived."""
+        key, host = self._target(base_url)
+        head = [b"POST ", path.encode("ascii"), b" HTTP/1.1\r\nHost: ", host,
+                b"\r\nContent-Length: ", str(len(body)).encode(), b"\r\n"]
+        for name, value in headers:
+            head.append(f"{name}: {value}\r\n".encode("latin-1"))
+        head.append(b"\r\n")
+        payload = b"".join(head) + body
+        for _ in range(2):
+            conn, reused = await self._get(key)
+            response = UpstreamResponse(self, key, conn)
+            waiter = conn.start(payload, response)
+            timer = conn.loop.call_later(first_byte_timeout_s, _expire, waiter)
+            try:
+                await waiter
+            except UpstreamError:
+                response.close()
+                if reused and not conn.got_bytes:
+                    continue  # the engine had closed this idle connection; try a fresh one
+                raise
+            except BaseException:
+                response.close()
+                raise
+            finally:
+                timer.cancel()
+            if not response.headers_received:
+                response.close()
+                raise UpstreamTimeout(f"no response headers within {first_byte_timeout_s:g} s")
+            return response
+        raise UpstreamError("upstream closed the connection before answering")
+
+    async def _get(self, key: tuple[str, int]) -> tuple[_Connection, bool]:
+        idle = self._idle.get(key)
+        while idle:
+            conn = idle.pop()
+            if not conn.closed:
+                return conn, True
+        loop = asyncio.get_running_loop()
+        try:
+            async with asyncio.timeout(self.connect_timeout_s):
+                _, conn = await loop.create_connection(lambda: _Connection(loop), key[0], key[1])
+        except TimeoutError:
+            raise UpstreamTimeout(f"connecting to {key[0]}:{key[1]} took over {self.connect_timeout_s:g} s") from None
+        except OSError as exc:
+            raise UpstreamError(f"cannot connect to {key[0]}:{key[1]}: {exc.strerror or exc}") from None
+        return conn, False
+
+    def _put_idle(self, key: tuple[str, int], conn: _Connection) -> None:
+        idle = self._idle.setdefault(key, [])
+        if self._closed or len(idle) >= self.max_idle_per_host:
+            conn.close()
+        else:
+            idle.append(conn)
+
+    def close(self) -> None:
+        """Close every idle connection; in-flight ones close when their responses end."""
+        self._closed = True
+        for conns in self._idle.values():
+            for conn in conns:
+                conn.close()
+        self._idle.clear()
