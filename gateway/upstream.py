@@ -166,7 +166,7 @@ class _Connection(asyncio.Protocol):
 class UpstreamResponse:
     """Status, raw headers and a readable body of one upstream answer."""
 
-    __slots__ = ("_buffer", "_buffered", "_conn", "_error", "_pool", "_key", "_waiter", "chunked",
+    __slots__ = ("_buffer", "_buffered", "_conn", "_error", "_key", "_pool", "_waiter", "chunked",
                  "complete", "content_length", "headers", "headers_received", "keep_alive", "released", "status")
 
     def __init__(self, pool: UpstreamPool, key: tuple[str, int], conn: _Connection) -> None:
