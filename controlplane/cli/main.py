@@ -22,7 +22,8 @@ COMMAND_MODULES = (
     "gateway",
     "models",
     "keys",
-    "nodes",
+    "plan",
+    "profile",
 )
 
 

@@ -1,0 +1,289 @@
+"""`ctl planner run`: a leader-elected loop that plans and applies, and a pure churn limiter.
+
+    LeaseSession (TTL) ──▶ campaign: txn[leader key absent] put(identity, lease) ──▶ Fence(create_rev, identity)
+          │ lost ──▶ fence dropped                                                  │
+          ▼                                                                         ▼
+    every interval: plan_from_etcd ─▶ limit_churn ─▶ apply_plan(fence) ─▶ sleep   (errors: log, back off)
+
+Winning once does not make a leader safe: a leader that stalls (GC pause, blocked solver, etcd
+partition) may have lost its lease while it still believes it leads. Every write of the leader
+is therefore a transaction that also compares the leader key's create revision and value with
+ours, so a deposed leader's apply fails (StalePlan naming "leadership lost") and it goes back to
+campaigning. Stopping revokes the lease, which deletes the leader key at once.
+
+Churn cap (``max_churn``): at most that many optional START+STOP actions per round. STOPs the
+planner would make anyway (node gone or draining, model removed, replica no longer fits) are
+always included and not counted: keeping those is never an option. The optional changes are
+grouped into *moves*: changes on one node whose GPU sets overlap (a START that reuses the GPUs
+of a STOP needs that STOP). Moves are chosen greedily by how much they lower the plan objective
+(cost + unmet-demand, churn and min-replica penalties, the same formula the MILP minimises),
+each evaluated on top of the moves already chosen (lazy greedy: a move's gain only shrinks as
+others are chosen, so a re-evaluated move that still beats every stale estimate is the best).
+Moves that would exceed the budget, or that do not lower the objective, are skipped. The result
+is rebuilt with `build_plan`, so it is a consistent plan with its own cost and coverage.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import heapq
+import time
+from collections import Counter, defaultdict
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field, replace
+
+import structlog
+
+from controlplane.keys import Keys
+from controlplane.planner.apply import ApplyError, Fence, StalePlan, apply_plan, plan_from_etcd
+from controlplane.planner.diff import Action, ActionKind, Plan, PlanningError, ReplicaKey, build_plan, keepable
+from controlplane.planner.live import ClusterConfig
+from controlplane.planner.snapshot import RunningReplica, Snapshot, SnapshotError
+from controlplane.store import Cmp, EtcdStore, LeaseSession, Op, StoreError
+
+log = structlog.get_logger(__name__)
+
+
+# -- churn limiter (pure) --------------------------------------------------------------------------
+
+
+def _moves(changes: Sequence[Action]) -> list[list[Action]]:
+    """Group changes on one node whose GPU sets overlap (transitively)."""
+    parent = list(range(len(changes)))
+
+    def find(i: int) -> int:
+        while parent[i] != i:
+            parent[i] = parent[parent[i]]
+            i = parent[i]
+        return i
+
+    by_node: dict[str, list[int]] = defaultdict(list)
+    for i, a in enumerate(changes):
+        by_node[a.node_id].append(i)
+    for idx in by_node.values():
+        for x in idx:
+            for y in idx:
+                if x < y and set(changes[x].gpu_indices) & set(changes[y].gpu_indices):
+                    parent[find(x)] = find(y)
+    groups: dict[int, list[Action]] = defaultdict(list)
+    for i, a in enumerate(changes):
+        groups[find(i)].append(a)
+    return list(groups.values())
+
+
+def limit_churn(snapshot: Snapshot, now: float, plan: Plan, max_churn: int) -> Plan:
+    """`plan` with at most `max_churn` optional changes, the most valuable first (module docstring)."""
+    nodes = {n.node_id: n for n in snapshot.nodes}
+    reps: dict[str, RunningReplica] = {r.replica_id: r for r in snapshot.current if r.replica_id}
+
+    def forced(a: Action) -> bool:
+        rep = reps.get(a.replica_id)
+        return a.kind is ActionKind.STOP and (rep is None or not keepable(snapshot, nodes.get(a.node_id), rep))
+
+    optional = [a for a in plan.changes if not forced(a)]
+    if max_churn <= 0 or len(optional) <= max_churn:
+        return plan
+    base: dict[str, Counter[ReplicaKey]] = defaultdict(Counter)
+    for a in plan.actions:
+        if a.kind is ActionKind.KEEP or (a.kind is ActionKind.STOP and not forced(a)):
+            base[a.node_id][(a.model, a.tp, a.gpu_type)] += 1
+
+    def with_moves(moves: Sequence[Sequence[Action]]) -> dict[str, Counter[ReplicaKey]]:
+        out = {n: Counter(c) for n, c in base.items()}
+        for move in moves:
+            for a in move:
+                out.setdefault(a.node_id, Counter())[(a.model, a.tp, a.gpu_type)] += (
+                    1 if a.kind is ActionKind.START else -1)
+        return out
+
+    def evaluate(moves: Sequence[Sequence[Action]]) -> Plan | None:
+        try:
+            p = build_plan(snapshot, now, with_moves(moves), planner=plan.planner, status=plan.status,
+                           solve_time_s=plan.solve_time_s, notes=plan.notes, mip_gap=plan.mip_gap)
+        except PlanningError:
+            return None
+        return p
+
+    chosen: list[list[Action]] = []
+    current = evaluate(chosen)
+    if current is None:
+        raise PlanningError("keeping every running replica does not fit: cannot cap churn")
+    cost_cap = max(snapshot.budget_per_hour, current.cost_per_hour) if snapshot.budget_per_hour > 0 else None
+    moves = _moves(optional)
+    heap: list[tuple[float, int]] = []
+    for i, move in enumerate(moves):
+        p = evaluate([move])
+        if p is not None:
+            heapq.heappush(heap, (p.objective - current.objective, i))
+    used = 0
+    while heap and used < max_churn:
+        _, i = heapq.heappop(heap)
+        move = moves[i]
+        if len(move) > max_churn - used:
+            continue
+        p = evaluate([*chosen, move])
+        if p is None or (cost_cap is not None and p.cost_per_hour > cost_cap * (1 + 1e-9)):
+            continue
+        delta = p.objective - current.objective
+        if heap and delta > heap[0][0] + 1e-9:
+            heapq.heappush(heap, (delta, i))  # its estimate was stale; re-rank
+            continue
+        if delta >= -1e-9:
+            break
+        chosen.append(move)
+        current = p
+        used += len(move)
+    return replace(current, notes=(*current.notes, f"churn capped at {max_churn}: {used} of {len(optional)} "
+                                   "optional changes applied this round"))
+
+
+# -- the daemon ------------------------------------------------------------------------------------
+
+
+@dataclass
+class DaemonConfig:
+    """What `ctl planner run` decided from its flags."""
+
+    cluster: ClusterConfig
+    identity: str
+    interval_s: float = 30.0
+    max_churn: int = 0
+    time_limit_s: float = 5.0
+    lease_ttl: int = 10
+    demand_override: dict[str, float] | None = None
+    max_backoff_s: float = 30.0
+
+
+@dataclass
+class DaemonStats:
+    """Counters, for logs and tests."""
+
+    rounds: int = 0
+    applied: int = 0
+    stale: int = 0
+    errors: int = 0
+    terms: int = 0                 # times this daemon became leader
+    last_error: str = ""
+    applied_plan_ids: list[str] = field(default_factory=list)
+
+
+class PlannerDaemon:
+    """Campaign for leadership; while leader, plan and apply every interval. Never dies on errors."""
+
+    def __init__(self, store: EtcdStore, keys: Keys, config: DaemonConfig,
+                 clock: Callable[[], float] = time.time) -> None:
+        self.store = store
+        self.keys = keys
+        self.config = config
+        self.clock = clock
+        self.stats = DaemonStats()
+        self.fence: Fence | None = None
+        self._stop = asyncio.Event()
+        self.session = LeaseSession(store, config.lease_ttl, on_lost=self._on_lost, name="planner")
+
+    @property
+    def is_leader(self) -> bool:
+        """True while this daemon believes it holds the leader key (writes are fenced regardless)."""
+        return self.fence is not None
+
+    def stop(self) -> None:
+        """Ask `run` to return (it revokes the lease, so another planner takes over at once)."""
+        self._stop.set()
+
+    async def _on_lost(self) -> None:
+        if self.fence is not None:
+            log.warning("planner lease lost; no longer leader", identity=self.config.identity)
+        self.fence = None
+
+    async def campaign(self, lease_id: int) -> bool:
+        """Put the leader key if absent, on our lease; True when we now lead."""
+        key, me = self.keys.planner_leader, self.config.identity.encode()
+        ok, rev = await self.store.txn([Cmp.absent(key)], [Op.put(key, me, lease=lease_id)])
+        if ok:
+            self.fence = Fence(key, rev, me)
+            self.stats.terms += 1
+            log.info("became planner leader", identity=self.config.identity, revision=rev)
+        return ok
+
+    async def still_leader(self) -> bool:
+        """Re-read the leader key; drop leadership when it is no longer ours."""
+        if self.fence is None:
+            return False
+        kv = await self.store.get(self.fence.key)
+        if kv is None or kv.create_revision != self.fence.create_revision or kv.value != self.fence.value:
+            log.warning("planner leadership lost", identity=self.config.identity,
+                        holder=kv.value.decode(errors="replace") if kv else None)
+            self.fence = None
+        return self.fence is not None
+
+    async def round(self) -> None:
+        """One planning round as leader: plan, cap churn, apply fenced by leadership."""
+        cfg = self.config
+        now = self.clock()
+        self.stats.rounds += 1
+        live = await plan_from_etcd(
+            self.store, self.keys, cfg.cluster, now, time_limit_s=cfg.time_limit_s,
+            demand_override=cfg.demand_override,
+            snapshot_hook=(lambda s, p: limit_churn(s, now, p, cfg.max_churn)) if cfg.max_churn else None)
+        pf = live.plan_file
+        if not pf.changes:
+            log.debug("plan has no changes", revision=pf.computed_at_revision)
+            return
+        if self.fence is None:
+            return
+        result = await apply_plan(self.store, self.keys, pf, cfg.identity, fence=self.fence)
+        self.stats.applied += 1
+        self.stats.applied_plan_ids.append(pf.plan_id)
+        log.info("plan applied", plan=pf.plan_id, revision=result.revision, started=result.started,
+                 stopped=result.stopped, kept=result.kept, cost_per_hour=pf.summary.get("cost_per_hour"),
+                 solver=pf.summary.get("status"), notes=list(pf.warnings))
+
+    async def run(self) -> None:
+        """Until `stop`: campaign while follower, plan while leader; errors back off, never end the loop."""
+        cfg = self.config
+        self.session.start()
+        backoff = 0.5
+        try:
+            while not self._stop.is_set():
+                delay = cfg.interval_s
+                try:
+                    lease = await self._wait_lease()
+                    if lease == 0:
+                        continue
+                    if self.fence is None and not await self.campaign(lease):
+                        delay = min(cfg.interval_s, cfg.lease_ttl / 3)
+                    elif await self.still_leader():
+                        await self.round()
+                    backoff = 0.5
+                except StalePlan as exc:
+                    self.stats.stale += 1
+                    log.info("plan was stale; replanning", reason=str(exc))
+                    if not await self._safe_still_leader():
+                        continue
+                    delay = min(backoff, cfg.interval_s)
+                    backoff = min(backoff * 2, cfg.max_backoff_s)
+                except (StoreError, SnapshotError, PlanningError, ApplyError) as exc:
+                    self.stats.errors += 1
+                    self.stats.last_error = str(exc)
+                    log.warning("planning round failed; retrying", error=str(exc), error_type=type(exc).__name__,
+                                retry_in=backoff)
+                    delay = backoff
+                    backoff = min(backoff * 2, cfg.max_backoff_s)
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._stop.wait(), delay)
+        finally:
+            self.fence = None
+            await self.session.close(revoke=True)
+
+    async def _wait_lease(self) -> int:
+        try:
+            return await self.session.wait_alive(timeout=1.0)
+        except TimeoutError:
+            return 0
+
+    async def _safe_still_leader(self) -> bool:
+        try:
+            return await self.still_leader()
+        except StoreError:
+            return False
