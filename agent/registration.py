@@ -57,10 +57,15 @@ class Registration:
         """LeaseSession hook: write every wanted key on the new lease, atomically."""
         async with self._lock:
             self._lease, self._published = lease_id, {}
-            ops = [Op.put(k, v, lease=lease_id) for k, v in self._wanted.items()]
+            # Publish a snapshot: set() may run while the txn is in flight, and what it changes
+            # must still look unpublished to the sync loop afterwards.
+            snapshot = dict(self._wanted)
+            ops = [Op.put(k, v, lease=lease_id) for k, v in snapshot.items()]
             if ops:
                 await self.store.txn([], ops)
-            self._published = dict(self._wanted)
+            self._published = snapshot
+            if self._wanted != snapshot:
+                self._changed.set()
             log.info("registered", keys=len(ops), lease=hex(lease_id))
         async with self._synced:
             self._synced.notify_all()

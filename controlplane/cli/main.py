@@ -24,6 +24,7 @@ COMMAND_MODULES = (
     "keys",
     "plan",
     "profile",
+    "nodes",
 )
 
 

@@ -110,6 +110,9 @@ class LeaseSession:
     # -- loop -------------------------------------------------------------------------------
 
     async def _run(self) -> None:
+        # Retry grants no slower than TTL/3 (between 0.5 and 5 s): after an etcd outage the
+        # registration is back within about a third of a TTL of etcd answering again.
+        max_backoff = min(5.0, max(0.5, self.ttl / 3))
         backoff = 0.1
         while not self._closing:
             try:
@@ -117,7 +120,7 @@ class LeaseSession:
             except (EtcdError, grpc.aio.AioRpcError, TimeoutError, StoreError) as exc:
                 log.warning("lease grant failed; retrying", session=self.name, error=str(exc), retry_in=backoff)
                 await asyncio.sleep(backoff)
-                backoff = min(backoff * 2, 5.0)
+                backoff = min(backoff * 2, max_backoff)
                 continue
             self._lease_id = lease_id
             self._lost_now.clear()
@@ -129,7 +132,7 @@ class LeaseSession:
                                 error=str(exc), error_type=type(exc).__name__)
                     await self._revoke_quietly(lease_id)
                     await asyncio.sleep(backoff)
-                    backoff = min(backoff * 2, 5.0)
+                    backoff = min(backoff * 2, max_backoff)
                     continue
             backoff = 0.1
             self.grants += 1
