@@ -1,9 +1,17 @@
 """The gateway application: OpenAI routes over a routing table that etcd keeps current.
 
-Background work (cleanup_ctx): one etcd connection, a list-then-watch of ``instances/`` feeding
-the RoutingTable and one of ``keys/`` feeding the KeyTable, and the shared upstream session. If
-etcd becomes unreachable the watches retry forever while requests keep being routed on the last
-table (fail static); ``/readyz`` and the ``modelpool_gateway_etcd_connected`` metric say so.
+Background work (cleanup_ctx): one etcd connection, list-then-watches of ``instances/`` (the
+RoutingTable), ``keys/`` (the KeyTable) and ``models/`` (private models), the fleet member (lease,
+``gateways/`` registration and watch, demand and usage writes; gateway/fleet.py) and the shared
+upstream session. If etcd becomes unreachable the watches retry forever while requests keep
+being routed on the last table (fail static); ``/readyz`` and the
+``modelpool_gateway_etcd_connected`` metric say so.
+
+    request ─▶ key ─▶ model visible? (404) ─▶ known? (404) ─▶ rate limit (429) ─▶ demand
+            ─▶ READY? (503) ─▶ forward (affinity / P2C, retries) ─▶ usage, tokens, access log
+
+Every log line of a request carries its ``request_id`` (structlog contextvars), and each
+forwarded request ends with one ``request`` line at info level.
 """
 
 from __future__ import annotations
@@ -22,14 +30,21 @@ from aiohttp import web
 
 from controlplane.keys import Keys
 from controlplane.store import EtcdConfig, EtcdStore, watch_prefix
-from gateway.auth import ANONYMOUS, KeyTable, Principal, check_model_access
+from gateway.auth import ANONYMOUS, KeyTable, ModelAccessTable, Principal, check_model_access
 from gateway.ejection import Ejections
-from gateway.errors import GatewayError, ModelNotFound, NoCapacity, PayloadTooLarge, error_response
+from gateway.errors import GatewayError, ModelNotFound, NoCapacity, PayloadTooLarge, RateLimited, error_response
+from gateway.fleet import FleetMember, FleetSettings
+from gateway.limits import RateLimiter
 from gateway.metrics import GatewayMetrics
-from gateway.proxy import Forwarder, ProxySettings, parse_model
+from gateway.proxy import Exchange, Forwarder, ProxySettings, parse_model
+from gateway.routing import SESSION_HEADER
+from gateway.sse import with_usage_requested
 from gateway.table import Endpoint, RoutingTable
+from gateway.usage import DemandMeter, UsageBook
 
 log = structlog.get_logger(__name__)
+
+REQUEST_ID = web.RequestKey("request_id", str)
 
 # Routes forwarded by the body's "model": client path → engine path.
 FORWARDED_ROUTES: dict[str, str] = {
@@ -55,6 +70,9 @@ class GatewayConfig:
     max_body_bytes: int = 32 * 1024 * 1024
     proxy: ProxySettings = field(default_factory=ProxySettings)
     gateway_id: str = field(default_factory=lambda: uuid.uuid4().hex[:12])
+    address: str = ""                    # host:port clients reach this gateway at (GatewayRecord)
+    fleet: FleetSettings = field(default_factory=FleetSettings)
+    demand_window_s: int = 60
 
 
 class Gateway:
@@ -65,11 +83,16 @@ class Gateway:
         self.keys = Keys(config.etcd.prefix)
         self.table = RoutingTable()
         self.api_keys = KeyTable()
+        self.access = ModelAccessTable()
         self.ejections = Ejections()
         self.metrics = GatewayMetrics()
+        self.limiter = RateLimiter()
+        self.usage = UsageBook()
+        self.demand = DemandMeter(time.monotonic(), config.demand_window_s)
         self.etcd_connected = False
         self.table_updated_at = 0.0
         self.forwarder: Forwarder | None = None
+        self.fleet: FleetMember | None = None
         self.started = time.time()
 
     # -- lifecycle ---------------------------------------------------------------------------
@@ -79,12 +102,17 @@ class Gateway:
         store = await EtcdStore(self.config.etcd).connect()
         connector = aiohttp.TCPConnector(limit=0, ttl_dns_cache=300, keepalive_timeout=60)
         session = aiohttp.ClientSession(connector=connector, auto_decompress=False, skip_auto_headers=("User-Agent",))
-        self.forwarder = Forwarder(session, self.config.proxy)
+        self.forwarder = Forwarder(session, self.config.proxy, on_retry=self.metrics.retries.inc)
         self.metrics.bind(self)
-        tasks = [asyncio.create_task(self._watch(store, self.keys.instances, self._on_instances), name="watch-instances")]
+        tasks = [asyncio.create_task(self._watch(store, self.keys.instances, self._on_instances),
+                                     name="watch-instances"),
+                 asyncio.create_task(self._watch(store, self.keys.models, self.access.apply), name="watch-models")]
         if self.config.auth:
-            tasks.append(asyncio.create_task(self._watch(store, self.keys.api_keys, self.api_keys.apply),
+            tasks.append(asyncio.create_task(self._watch(store, self.keys.api_keys, self._on_keys),
                                              name="watch-keys"))
+        self.fleet = FleetMember(store, self.keys, self.config.gateway_id, self.config.address, self.config.fleet,
+                                 self.usage, self.demand, self.limiter.set_fleet_size)
+        await self.fleet.start()
         try:
             yield
         finally:
@@ -93,6 +121,7 @@ class Gateway:
             for t in tasks:
                 with contextlib.suppress(asyncio.CancelledError):
                     await t
+            await self.fleet.close()
             await session.close()
             await store.close()
 
@@ -108,6 +137,10 @@ class Gateway:
         self.table_updated_at = time.monotonic()
         self.ejections.forget_missing({ep.instance_id for ep in self.table.all()})
 
+    def _on_keys(self, update: object) -> None:
+        self.api_keys.apply(update)  # type: ignore[arg-type]
+        self.limiter.forget(self.api_keys.key_ids())
+
     def _on_connectivity(self, up: bool) -> None:
         if up != self.etcd_connected:
             log.info("etcd connectivity", connected=up)
@@ -120,7 +153,9 @@ class Gateway:
                                 handler: Callable[[web.Request], Awaitable[web.StreamResponse]]) -> web.StreamResponse:
         """Every error leaves in the OpenAI envelope, with the request id."""
         request_id = request.headers.get("X-Request-Id") or uuid.uuid4().hex
-        request["request_id"] = request_id
+        request[REQUEST_ID] = request_id
+        # each request runs in its own task, hence its own copy of the context: no unbinding needed
+        structlog.contextvars.bind_contextvars(request_id=request_id)
         try:
             return await handler(request)
         except GatewayError as err:
@@ -144,29 +179,76 @@ class Gateway:
     async def forward(self, request: web.Request) -> web.StreamResponse:
         """POST /v1/… routed by the body's ``model``."""
         started = time.monotonic()
-        request_id = request["request_id"]
+        request_id = request[REQUEST_ID]
         principal = self._principal(request)
         body = await request.read()
-        model, _ = parse_model(body)
+        model, payload = parse_model(body)
         status = 0
+        counted = False      # a visible, known model: the request counts in usage
+        arrived = False      # ... and it passed the rate limits: it counts as demand
+        ex: Exchange | None = None
         try:
-            check_model_access(principal, model)
+            check_model_access(principal, model, self.access)
             candidates = self.table.ready(model)
-            if not candidates:
-                if self.table.known(model):
-                    raise NoCapacity(f"model '{model}' has no ready instance right now; retry shortly")
+            if not candidates and not (self.table.known(model) or self.access.in_catalog(model)):
                 raise ModelNotFound(f"The model '{model}' does not exist or is not served right now.", param="model")
+            counted = True
+            extra = self._admit(principal, started)
+            self.demand.arrived(model, started)
+            arrived = True
+            if not candidates:
+                raise NoCapacity(f"model '{model}' has no ready instance right now; retry shortly")
             assert self.forwarder is not None  # set in background() before the server accepts requests
-            usable = self.ejections.filter(candidates)
-            resp = await self.forwarder.forward(request, FORWARDED_ROUTES[request.path], body, usable, request_id,
-                                                self._on_upstream_result)
+            upstream_body = with_usage_requested(request.path, payload, body)
+            ex = Exchange(started, session=request.headers.get(SESSION_HEADER), strip_usage=upstream_body is not None,
+                          text=request.path == "/v1/completions", extra_headers=extra)
+            resp = await self.forwarder.forward(request, FORWARDED_ROUTES[request.path], upstream_body or body,
+                                                self.ejections.filter(candidates), request_id,
+                                                self._on_upstream_result, ex)
             status = resp.status
             return resp
         except GatewayError as err:
             status = err.status
             raise
         finally:
-            self.metrics.observe_request(model, request.path, status or 499, time.monotonic() - started)
+            self._finished(principal, model, request.path, status or 499, started, ex, counted, arrived)
+
+    def _admit(self, principal: Principal, now: float) -> dict[str, str] | None:
+        """Take the request from the key's rate limits; RateLimited (429) when over."""
+        key = principal.record
+        if key is None or not (key.requests_per_minute or key.tokens_per_minute):
+            return None
+        verdict = self.limiter.admit(key, now)
+        if not verdict.allowed:
+            self.metrics.rate_limited.labels(verdict.kind).inc()
+            per_min = key.requests_per_minute if verdict.kind == "requests" else key.tokens_per_minute
+            raise RateLimited(f"Rate limit reached for key {key.key_id} on {verdict.kind} per min: limit {per_min}, "
+                              f"shared by {self.limiter.fleet_size} gateway(s). Please try again in "
+                              f"{verdict.retry_after_s}s.", kind=verdict.kind, retry_after_s=verdict.retry_after_s,
+                              headers=verdict.headers)
+        return verdict.headers or None
+
+    def _finished(self, principal: Principal, model: str, route: str, status: int, started: float,
+                  ex: Exchange | None, counted: bool, arrived: bool) -> None:
+        """Book-keeping after the response ended (or failed): metrics, usage, demand, limits, log."""
+        now = time.monotonic()
+        self.metrics.observe_request(model, route, status, now - started)
+        usage = ex.usage if ex is not None else None
+        if counted:
+            error = status >= 400 or (ex is not None and not ex.completed)
+            self.usage.record(principal.key_id, model, usage, error=error)
+        if arrived:
+            self.demand.finished(model, usage, now)
+        if usage is not None:
+            self.metrics.observe_tokens(model, usage)
+            if principal.record is not None:
+                self.limiter.charge_tokens(principal.record, usage.total, now)
+        if ex is not None and ex.tap is not None and status < 400:
+            self.metrics.observe_stream(model, ex.tap)
+        log.info("request", model=model, route=route, status=status, key=principal.key_id,
+                 instance=ex.instance_id if ex is not None else "", duration_ms=round((now - started) * 1000, 1),
+                 prompt_tokens=usage.prompt_tokens if usage else None,
+                 completion_tokens=usage.completion_tokens if usage else None)
 
     def _on_upstream_result(self, ep: Endpoint, failure: str | None) -> None:
         if failure is None:
@@ -179,14 +261,16 @@ class Gateway:
     async def list_models(self, request: web.Request) -> web.Response:
         """GET /v1/models: models with at least one READY instance that this key may use."""
         principal = self._principal(request)
-        data = [self._model_card(m) for m in self.table.models() if principal.may_use(m)]
+        data = [self._model_card(m) for m in self.table.models()
+                if self.access.visible(principal, m) and principal.may_use(m)]
         return _json({"object": "list", "data": data})
 
     async def get_model(self, request: web.Request) -> web.Response:
         """GET /v1/models/{model}."""
         principal = self._principal(request)
         model = request.match_info["model"]
-        if model not in self.table.models() or not principal.may_use(model):
+        if (model not in self.table.models() or not self.access.visible(principal, model)
+                or not principal.may_use(model)):
             raise ModelNotFound(f"The model '{model}' does not exist or is not served right now.", param="model")
         return _json(self._model_card(model))
 
@@ -194,7 +278,8 @@ class Gateway:
         ready = self.table.ready(model)
         owners = sorted({ep.owner for ep in ready if ep.owner})
         return {
-            "id": model, "object": "model", "created": int(self.started), "owned_by": owners[0] if owners else "modelpool",
+            "id": model, "object": "model", "created": int(self.started),
+            "owned_by": owners[0] if owners else "modelpool",
             "instances": len(ready), "gpu_types": sorted({ep.gpu_type for ep in ready if ep.gpu_type}),
         }
 

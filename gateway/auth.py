@@ -17,10 +17,10 @@ from dataclasses import dataclass
 
 import structlog
 
-from controlplane.keys import RecordDecodeError, decode
-from controlplane.pb import ApiKey
+from controlplane.keys import RecordDecodeError, decode, decode_segment
+from controlplane.pb import ApiKey, ModelSpec
 from controlplane.store import Changes, KeyValue, Resync, WatchUpdate
-from gateway.errors import Forbidden, Unauthorized
+from gateway.errors import Forbidden, ModelNotFound, Unauthorized
 
 log = structlog.get_logger(__name__)
 
@@ -88,6 +88,10 @@ class KeyTable:
     def __len__(self) -> int:
         return len(self._by_hash)
 
+    def key_ids(self) -> set[str]:
+        """Public ids of every key in the table."""
+        return {r.key_id for r in self._by_hash.values()}
+
     def authenticate(self, authorization: str | None, now: float | None = None) -> Principal:
         """The caller behind an ``Authorization`` header; raises Unauthorized with the reason."""
         if not authorization:
@@ -107,7 +111,71 @@ class KeyTable:
         return Principal(record.key_id, record.owner, record)
 
 
-def check_model_access(principal: Principal, model: str) -> None:
-    """Raise Forbidden when the key may not call ``model``."""
+class ModelAccessTable:
+    """Private models (ModelSpec.access.public false) and who may see them, from the models/ watch.
+
+    A model without a catalog record, or with a record written before access rules existed (no
+    ``access`` field), is public.
+    """
+
+    def __init__(self) -> None:
+        self._private: dict[str, frozenset[str]] = {}   # model -> allowed owners
+        self._catalog: set[str] = set()
+        self.loaded = False
+
+    def apply(self, update: WatchUpdate) -> None:
+        """Apply a Resync or Changes from the models watch."""
+        if isinstance(update, Resync):
+            self._private = {}
+            self._catalog = set()
+            for key, kv in update.items.items():
+                self._put(key, kv)
+            self.loaded = True
+        elif isinstance(update, Changes):
+            for change in update.changes:
+                if change.kv is None:
+                    name = decode_segment(change.key.rsplit("/", 1)[-1])
+                    self._private.pop(name, None)
+                    self._catalog.discard(name)
+                else:
+                    self._put(change.key, change.kv)
+
+    def _put(self, key: str, kv: KeyValue) -> None:
+        name = decode_segment(key.rsplit("/", 1)[-1])
+        self._catalog.add(name)
+        try:
+            spec = decode(ModelSpec, kv)
+        except RecordDecodeError as exc:
+            # fail closed: a model whose access rules cannot be read is treated as private to nobody
+            log.warning("undecodable model record; hiding it from non-admin keys", key=key, error=str(exc))
+            self._private[name] = frozenset()
+            return
+        if spec.HasField("access") and not spec.access.public:
+            self._private[name] = frozenset(spec.access.allowed_owners)
+        else:
+            self._private.pop(name, None)
+
+    def visible(self, principal: Principal, model: str) -> bool:
+        """True when ``principal`` may know that ``model`` exists."""
+        owners = self._private.get(model)
+        if owners is None or principal.record is None or principal.record.admin:
+            return True
+        return principal.owner in owners
+
+    def in_catalog(self, model: str) -> bool:
+        """True when ``model`` has a catalog record (it may have no instance yet)."""
+        return model in self._catalog
+
+    def private_models(self) -> list[str]:
+        """Names of private models, sorted."""
+        return sorted(self._private)
+
+
+def check_model_access(principal: Principal, model: str, access: ModelAccessTable | None = None) -> None:
+    """Raise ModelNotFound for a private model the key may not see, Forbidden when the key's
+    allowed_models exclude ``model``."""
+    if access is not None and not access.visible(principal, model):
+        # exactly what an unknown model gets: a private model's existence is not disclosed
+        raise ModelNotFound(f"The model '{model}' does not exist or is not served right now.", param="model")
     if not principal.may_use(model):
         raise Forbidden(f"this API key may not use model '{model}'", param="model")

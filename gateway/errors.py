@@ -6,7 +6,8 @@
      ├── Forbidden         403  permission_error
      ├── ModelNotFound     404  model_not_found
      ├── PayloadTooLarge   413  invalid_request_error
-     ├── RateLimited       429  rate_limit_exceeded (with Retry-After)
+     ├── RateLimited       429  type "requests" | "tokens", code rate_limit_exceeded (with Retry-After),
+     │                         as OpenAI answers a key over its RPM / TPM
      ├── NoCapacity        503  service_unavailable (no READY instance can take it)
      ├── UpstreamFailed    502  upstream_error (every attempt failed before the first byte)
      └── UpstreamTimeout   504  upstream_timeout
@@ -67,7 +68,13 @@ class PayloadTooLarge(GatewayError):
 
 
 class RateLimited(GatewayError):
-    status, type, code = 429, "rate_limit_error", "rate_limit_exceeded"
+    status, type, code = 429, "requests", "rate_limit_exceeded"
+
+    def __init__(self, message: str, *, kind: str = "requests", retry_after_s: int = 1,
+                 headers: dict[str, str] | None = None) -> None:
+        super().__init__(message, headers={**(headers or {}), "Retry-After": str(retry_after_s)})
+        self.type = kind   # OpenAI's error.type names the limit: "requests" or "tokens"
+        self.retry_after_s = retry_after_s
 
 
 class NoCapacity(GatewayError):

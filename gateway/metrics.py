@@ -2,19 +2,63 @@
 
 from __future__ import annotations
 
+from bisect import bisect_left
+from collections.abc import Iterator, Sequence
 from typing import TYPE_CHECKING
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.core import HistogramMetricFamily, Metric
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
+from prometheus_client.utils import floatToGoString
 
 if TYPE_CHECKING:
     from gateway.app import Gateway
+    from gateway.sse import StreamTap, TokenUsage
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
+# vLLM's buckets for time to first token and time per output token
+TTFT_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0,
+                20.0, 40.0, 80.0)
+ITL_BUCKETS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 2.5, 5.0)
+
+
+class WeightedHistogram:
+    """A histogram by model whose ``observe`` takes a weight: k equal gaps cost one call, not k.
+
+    A streamed chunk often carries several token events; prometheus_client's Histogram would
+    need one locked call per event, this needs one bisect per chunk.
+    """
+
+    def __init__(self, name: str, documentation: str, buckets: Sequence[float], registry: CollectorRegistry) -> None:
+        self._name = name
+        self._doc = documentation
+        self._bounds = tuple(buckets)
+        self._series: dict[str, tuple[list[int], list[float]]] = {}
+        registry.register(self)  # type: ignore[arg-type]
+
+    def observe(self, model: str, value: float, weight: int = 1) -> None:
+        """Count ``weight`` observations of ``value``."""
+        series = self._series.get(model)
+        if series is None:
+            series = self._series[model] = ([0] * (len(self._bounds) + 1), [0.0])
+        series[0][bisect_left(self._bounds, value)] += weight
+        series[1][0] += value * weight
+
+    def collect(self) -> Iterator[Metric]:
+        """The Prometheus samples (cumulative buckets, +Inf, sum, count)."""
+        family = HistogramMetricFamily(self._name, self._doc, labels=["model"])
+        for model, (counts, total) in self._series.items():
+            running, buckets = 0, []
+            for bound, count in zip((*self._bounds, float("inf")), counts, strict=True):
+                running += count
+                buckets.append((floatToGoString(bound), float(running)))
+            family.add_metric([model], buckets, total[0])
+        yield family
 
 
 class GatewayMetrics:
-    """Request counters and latency, in-flight, routing table, ejections, etcd connectivity."""
+    """Requests (by status, 429s included), latency, TTFT, inter-token gaps, tokens, retries,
+    in-flight, routing table, ejections, fleet size, etcd connectivity."""
 
     def __init__(self) -> None:
         self.registry = r = CollectorRegistry()
@@ -22,28 +66,54 @@ class GatewayMetrics:
                                 ["model", "route", "status"], registry=r)
         self.duration = Histogram("modelpool_gateway_request_duration_seconds", "Time until the response ended",
                                   ["model", "route"], buckets=LATENCY_BUCKETS, registry=r)
+        self.ttft = Histogram("modelpool_gateway_time_to_first_token_seconds",
+                              "Time from the request to the first streamed content event", ["model"],
+                              buckets=TTFT_BUCKETS, registry=r)
+        self.itl = WeightedHistogram("modelpool_gateway_inter_token_latency_seconds",
+                                     "Gap between streamed content events", ITL_BUCKETS, r)
+        self.tokens = Counter("modelpool_gateway_tokens", "Tokens reported by engines' usage, by model and kind",
+                              ["model", "kind"], registry=r)
         self.ejections = Counter("modelpool_gateway_ejections", "Instances ejected after failures", ["model"],
                                  registry=r)
-        self.retries = Gauge("modelpool_gateway_retries", "Requests retried on another instance (total)",
-                             registry=r)
+        self.retries = Counter("modelpool_gateway_retries", "Requests retried on another instance", registry=r)
+        self.rate_limited = Counter("modelpool_gateway_rate_limited", "Requests denied by a key's limit, by limit",
+                                    ["kind"], registry=r)
         self.in_flight = Gauge("modelpool_gateway_in_flight_requests", "Requests being proxied now", registry=r)
         self.instances = Gauge("modelpool_gateway_routing_table_instances", "Instances in the routing table",
                                ["state"], registry=r)
         self.etcd = Gauge("modelpool_gateway_etcd_connected", "1 while the etcd watches are connected", registry=r)
         self.ejected = Gauge("modelpool_gateway_ejected_instances", "Instances ejected now", registry=r)
+        self.fleet = Gauge("modelpool_gateway_fleet_size", "Live gateways this one sees (rate limits use 1/N)",
+                           registry=r)
 
     def bind(self, gw: Gateway) -> None:
         """Read live values from the gateway at scrape time."""
         self.in_flight.set_function(lambda: gw.forwarder.in_flight.total if gw.forwarder else 0)
-        self.retries.set_function(lambda: gw.forwarder.retries if gw.forwarder else 0)
         self.etcd.set_function(lambda: 1.0 if gw.etcd_connected else 0.0)
         self.ejected.set_function(lambda: gw.ejections.count_ejected())
+        self.fleet.set_function(lambda: gw.limiter.fleet_size)
         self._gw = gw
 
     def observe_request(self, model: str, route: str, status: int, seconds: float) -> None:
         """Count one finished request."""
         self.requests.labels(model, route, str(status)).inc()
         self.duration.labels(model, route).observe(seconds)
+
+    def observe_tokens(self, model: str, usage: TokenUsage) -> None:
+        """Count the tokens of one response."""
+        if usage.prompt_tokens:
+            self.tokens.labels(model, "prompt").inc(usage.prompt_tokens)
+        if usage.completion_tokens:
+            self.tokens.labels(model, "completion").inc(usage.completion_tokens)
+
+    def observe_stream(self, model: str, tap: StreamTap) -> None:
+        """TTFT and inter-token gaps of one streamed response (after it ended, off the hot loop)."""
+        ttft = tap.ttft
+        if ttft is None:
+            return
+        self.ttft.labels(model).observe(ttft)
+        for gap, events in tap.gaps:
+            self.itl.observe(model, gap, events)
 
     def render(self) -> tuple[bytes, str]:
         """The exposition text and its content type."""

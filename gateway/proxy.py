@@ -6,17 +6,23 @@
                                                                    │
                                             first byte ─▶ stream chunks through as they arrive
 
-The body is forwarded byte for byte (nothing injected or stripped); upstream bytes are passed
-through undecoded (``auto_decompress=False``), so SSE framing, ``data: [DONE]``, ``usage`` and
-every other field reach the client exactly as the engine wrote them. Once the first byte has
-been sent the request is committed to that instance; a client that goes away cancels the
-handler, which closes the upstream connection so the engine stops generating.
+The client sees exactly what the engine answered to the client's own body: upstream bytes are
+passed through undecoded (``auto_decompress=False``), so SSE framing, ``data: [DONE]``, ``usage``
+and every other field arrive as the engine wrote them. The one exception is invisible by
+construction: for a stream that did not ask for usage the gateway asks the engine for it
+(``sse.with_usage_requested``) and the ``StreamTap`` removes exactly that usage event again.
+Once the first byte has been sent the request is committed to that instance; a client that goes
+away cancels the handler, which closes the upstream connection so the engine stops generating.
+
+What the data path learns (instance, status, usage, TTFT, gaps) lands in the request's
+``Exchange``; the hot loop only feeds chunks to the tap (byte scans, no JSON).
 """
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable
+import time
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 import aiohttp
@@ -26,7 +32,8 @@ from aiohttp import web
 from multidict import CIMultiDict
 
 from gateway.errors import BadRequest, GatewayError, NoCapacity, UpstreamFailed, UpstreamTimeout
-from gateway.routing import pick
+from gateway.routing import pick_affinity
+from gateway.sse import StreamTap, TokenUsage, usage_from_body, usage_from_tail
 from gateway.table import Endpoint
 
 log = structlog.get_logger(__name__)
@@ -42,6 +49,22 @@ DROP_RESPONSE_HEADERS = frozenset(h.lower() for h in (
 ))
 
 OnResult = Callable[[Endpoint, str | None], None]  # reason for a failure, None for success
+TAIL_BYTES = 64 * 1024   # kept of a large non-SSE body to find its usage at the end
+
+
+@dataclass(slots=True)
+class Exchange:
+    """One request as the data path saw it; filled in by ``Forwarder.forward``."""
+
+    started: float
+    session: str | None = None           # affinity key (X-Session-Id)
+    strip_usage: bool = False            # we asked the engine for usage the client did not ask for
+    text: bool = False                   # completions: tokens arrive as "text", not "content"
+    extra_headers: Mapping[str, str] | None = None   # added to the client's response (rate limits)
+    instance_id: str = ""
+    usage: TokenUsage | None = None
+    tap: StreamTap | None = None
+    completed: bool = False
 
 
 @dataclass(frozen=True)
@@ -103,17 +126,21 @@ class InFlight:
 class Forwarder:
     """Sends requests upstream with retries before the first byte; one shared client session."""
 
-    def __init__(self, session: aiohttp.ClientSession, settings: ProxySettings) -> None:
+    def __init__(self, session: aiohttp.ClientSession, settings: ProxySettings,
+                 on_retry: Callable[[], None] | None = None) -> None:
         self.session = session
         self.settings = settings
         self.in_flight = InFlight()
         self.retries = 0
+        self.on_retry = on_retry
         self._timeout = aiohttp.ClientTimeout(total=None, sock_connect=settings.connect_timeout_s,
                                               sock_read=settings.first_byte_timeout_s)
 
     async def forward(self, request: web.Request, path: str, body: bytes, candidates: tuple[Endpoint, ...],
-                      request_id: str, on_result: OnResult | None = None) -> web.StreamResponse:
+                      request_id: str, on_result: OnResult | None = None,
+                      exchange: Exchange | None = None) -> web.StreamResponse:
         """Answer ``request`` from one of ``candidates``; raises GatewayError when none can."""
+        ex = exchange if exchange is not None else Exchange(time.monotonic())
         if not candidates:
             raise NoCapacity("no ready instance of this model right now; retry shortly")
         headers = upstream_headers(request, request_id)
@@ -121,12 +148,14 @@ class Forwarder:
         last_error: GatewayError = UpstreamFailed("no instance could be reached")
         attempts = min(self.settings.max_attempts, len(candidates))
         for attempt in range(attempts):
-            ep = pick(candidates, self.in_flight.counts, exclude=tried)
+            ep = pick_affinity(candidates, self.in_flight.counts, ex.session, exclude=tried)
             if ep is None:
                 break
             tried.add(ep.instance_id)
             if attempt:
                 self.retries += 1
+                if self.on_retry:
+                    self.on_retry()
             self.in_flight.acquire(ep)
             try:
                 upstream = await self.session.post(ep.url + path, data=body, headers=headers, timeout=self._timeout,
@@ -151,30 +180,41 @@ class Forwarder:
                 continue
             if on_result:
                 on_result(ep, None if upstream.status < 500 else f"HTTP {upstream.status}")
+            ex.instance_id = ep.instance_id
             try:
-                return await self._relay(request, upstream, request_id)
+                return await self._relay(request, upstream, request_id, ex)
             finally:
                 self.in_flight.release(ep)
         raise last_error
 
     async def _relay(self, request: web.Request, upstream: aiohttp.ClientResponse,
-                     request_id: str) -> web.StreamResponse:
+                     request_id: str, ex: Exchange) -> web.StreamResponse:
         """Copy status, headers and body to the client, chunk by chunk as they arrive."""
         completed = False
         try:
             headers = CIMultiDict((k, v) for k, v in upstream.headers.items() if k.lower() not in DROP_RESPONSE_HEADERS)
             headers["X-Request-Id"] = request_id
+            if ex.extra_headers:
+                headers.update(ex.extra_headers)
             length = upstream.content_length
+            sse = upstream.headers.get("Content-Type", "").startswith("text/event-stream")
+            tap = ex.tap = StreamTap(ex.started, strip_usage=ex.strip_usage, text=ex.text) if sse else None
             if length is not None and length <= 1 << 20:
                 data = await asyncio.wait_for(upstream.read(), self.settings.stall_timeout_s)
-                completed = True
+                completed = ex.completed = True
+                if tap is not None:
+                    data = tap.feed(data, time.monotonic()) + tap.finish()
+                    ex.usage = tap.usage()
+                elif upstream.status < 400 and b'"usage"' in data:
+                    ex.usage = usage_from_body(data)
                 return web.Response(status=upstream.status, body=data, headers=headers)
             resp = web.StreamResponse(status=upstream.status, headers=headers)
-            if length is not None:
+            if length is not None and not (tap is not None and ex.strip_usage):
                 resp.content_length = length
             await resp.prepare(request)
             content = upstream.content
             stall = self.settings.stall_timeout_s
+            tail = b""
             while True:
                 try:
                     chunk = await asyncio.wait_for(content.readany(), stall)
@@ -187,7 +227,21 @@ class Forwarder:
                 if not chunk:
                     completed = True
                     break
+                if tap is not None:
+                    chunk = tap.feed(chunk, time.monotonic())
+                    if not chunk:
+                        continue
+                elif upstream.status < 400:
+                    tail = chunk[-TAIL_BYTES:] if len(chunk) >= TAIL_BYTES else (tail + chunk)[-TAIL_BYTES:]
                 await resp.write(chunk)
+            if tap is not None:
+                rest = tap.finish()
+                if rest:
+                    await resp.write(rest)
+                ex.usage = tap.usage()
+            elif tail:
+                ex.usage = usage_from_tail(tail)
+            ex.completed = completed
             if completed:
                 await resp.write_eof()
             else:

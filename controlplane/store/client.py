@@ -151,6 +151,7 @@ class EtcdStore:
             tls_server_name=self.config.tls_server_name if self.config.tls else None,
             **conn_args,
         )
+        _fast_reconnect(self._client)
         await self._client.connect()
         if self.config.user is not None and self.config.password is not None:
             await self._authenticate()
@@ -301,3 +302,22 @@ def _kv(kv: Any) -> KeyValue:
         version=int(kv.version),
         lease=int(kv.lease),
     )
+
+
+# gRPC's default reconnect backoff grows to 120 s, so a client that saw etcd go away may take
+# seconds to notice it is back. Agents must re-register within about a second of etcd returning.
+RECONNECT_OPTIONS = (
+    ("grpc.initial_reconnect_backoff_ms", 100),
+    ("grpc.min_reconnect_backoff_ms", 100),
+    ("grpc.max_reconnect_backoff_ms", 1000),
+)
+
+
+def _fast_reconnect(client: Etcd3Client) -> None:
+    """Add RECONNECT_OPTIONS to the client's channel options (etcd3aio has no parameter for them)."""
+    manager = getattr(client, "_manager", None)
+    options = getattr(manager, "grpc_options", None)
+    if isinstance(options, list):
+        options.extend(RECONNECT_OPTIONS)
+    else:  # a newer etcd3aio changed its internals: keep working, just reconnect more slowly
+        log.warning("cannot set gRPC reconnect backoff on this etcd3aio version")

@@ -183,7 +183,7 @@ async def test_dead_instance_is_retried_and_ejected(world, wstore, http) -> None
     async with http.get(f"{gw}/metrics") as r:
         text = await r.text()
     assert 'modelpool_gateway_ejections_total{model="shared"}' in text
-    assert "modelpool_gateway_retries " in text and "modelpool_gateway_retries 0.0" not in text
+    assert "modelpool_gateway_retries_total " in text and "modelpool_gateway_retries_total 0.0" not in text
 
 
 async def test_auth_keys_and_model_access(etcd_server: EtcdProcess, tmp_path: Path, world, http) -> None:

@@ -1,0 +1,233 @@
+"""Taps on upstream response bytes: token usage, time to first token, inter-token gaps.
+
+The relay loop hands every chunk to ``StreamTap.feed`` before writing it to the client; the tap
+does only byte scans (``rfind``/``count`` in C) and keeps no copy of the stream, except the
+unfinished tail of an event cut by a chunk boundary. Only the last complete event whose
+``"usage"`` is an object is kept, and it is parsed once, when the stream ends.
+
+    chunk ─▶ carry+chunk ─▶ complete events [0, end) ──▶ count content events (TTFT, gaps)
+                              │                      └─▶ rfind '"usage"' + '{' → keep that event
+                              └─ tail after the last blank line ─▶ carry (next chunk)
+
+Strip mode (``strip_usage=True``): the gateway asked the engine for usage the client did not
+ask for (``stream_options.include_usage``); the tap then removes that usage event and passes
+every other byte through unchanged, holding back only an unfinished event until it completes.
+Events are separated by a blank line (``\\n\\n``), as vLLM and SGLang write them.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+
+import orjson
+
+_USAGE = b'"usage"'
+_SEP = b"\n\n"
+# Content-bearing events: chat deltas ("content", "reasoning_content") or completions ("text"),
+# minus empty ones; compact JSON (vLLM, SGLang: pydantic) or spaced (Python's json.dumps), decided
+# once per stream so each chunk costs three scans.
+_PATTERNS = {
+    (False, False): (b'content":', b'content":""', b'content":null'),
+    (False, True): (b'content":', b'content": ""', b'content": null'),
+    (True, False): (b'"text":', b'"text":""', b'"text":null'),
+    (True, True): (b'"text":', b'"text": ""', b'"text": null'),
+}
+MAX_CARRY = 1 << 20   # an "event" longer than this without a blank line is not SSE: stop scanning it
+
+
+@dataclass(frozen=True, slots=True)
+class TokenUsage:
+    """Tokens a response reports (OpenAI names; /v1/responses' input/output are mapped)."""
+
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+
+    @property
+    def total(self) -> int:
+        """Prompt plus completion tokens."""
+        return self.prompt_tokens + self.completion_tokens
+
+
+NO_USAGE = TokenUsage()
+
+
+def usage_from(obj: object) -> TokenUsage | None:
+    """The ``usage`` of a parsed response body or event (also nested under ``response``)."""
+    if not isinstance(obj, dict):
+        return None
+    usage = obj.get("usage")
+    if not isinstance(usage, dict):
+        inner = obj.get("response")
+        usage = inner.get("usage") if isinstance(inner, dict) else None
+        if not isinstance(usage, dict):
+            return None
+    prompt = usage.get("prompt_tokens", usage.get("input_tokens", 0))
+    completion = usage.get("completion_tokens", usage.get("output_tokens", 0))
+    return TokenUsage(_int(prompt), _int(completion))
+
+
+def usage_from_body(body: bytes) -> TokenUsage | None:
+    """Usage of a complete JSON response body (parsed once); None when absent or not JSON."""
+    try:
+        return usage_from(orjson.loads(body))
+    except orjson.JSONDecodeError:
+        return None
+
+
+def usage_from_tail(tail: bytes) -> TokenUsage | None:
+    """Usage from the end of a large JSON body: the last ``"usage": {...}`` object in ``tail``."""
+    at = tail.rfind(_USAGE)
+    while at >= 0 and not usage_is_object(tail, at, len(tail)):
+        at = tail.rfind(_USAGE, 0, at)
+    if at < 0:
+        return None
+    brace = tail.find(b"{", at)
+    try:
+        obj, _ = json.JSONDecoder().raw_decode(tail[brace:].decode("utf-8", errors="replace"))
+    except ValueError:
+        return None
+    return usage_from({"usage": obj})
+
+
+#: Routes whose streams carry usage only when the request asks for it (stream_options).
+USAGE_OPT_IN_ROUTES = frozenset(("/v1/chat/completions", "/v1/completions"))
+
+
+def with_usage_requested(route: str, payload: dict[str, object], body: bytes) -> bytes | None:
+    """The body to send upstream so a stream reports usage, or None to send ``body`` unchanged.
+
+    Only streaming chat/completions requests that did not ask for usage are changed, and only
+    when ``stream_options`` holds nothing else: ``continuous_usage_stats`` or unknown options
+    would change the other events too, and then the client would not get the stream it asked
+    for. The gateway strips the usage event it asked for (``StreamTap(strip_usage=True)``).
+    """
+    if route not in USAGE_OPT_IN_ROUTES or payload.get("stream") is not True:
+        return None
+    options = payload.get("stream_options")
+    if "stream_options" not in payload:
+        end = body.rstrip().rfind(b"}")
+        if end <= 0:
+            return None
+        # splice instead of re-serialising: the rest of the body stays byte for byte
+        return body[:end] + b',"stream_options":{"include_usage":true}' + body[end:]
+    if options is None:
+        options = {}
+    if not isinstance(options, dict) or options.get("include_usage") is True:
+        return None
+    if set(options) - {"include_usage"}:
+        return None
+    return orjson.dumps({**payload, "stream_options": {"include_usage": True}})
+
+
+def _int(v: object) -> int:
+    return v if isinstance(v, int) and not isinstance(v, bool) and v > 0 else 0
+
+
+def usage_is_object(data: bytes, at: int, end: int) -> bool:
+    """True when the ``"usage"`` at ``at`` is followed by ``:`` and an object (not null)."""
+    i = at + len(_USAGE)
+    while i < end and data[i] in b" \t\r\n":
+        i += 1
+    if i >= end or data[i] != 0x3A:  # ':'
+        return False
+    i += 1
+    while i < end and data[i] in b" \t\r\n":
+        i += 1
+    return i < end and data[i] == 0x7B  # '{'
+
+
+def parse_event(event: bytes) -> object:
+    """The JSON payload of one SSE event (its ``data:`` lines joined); None when not JSON."""
+    payload = b"\n".join(line[5:].lstrip(b" ") for line in event.split(b"\n") if line.startswith(b"data:"))
+    try:
+        return orjson.loads(payload)
+    except orjson.JSONDecodeError:
+        return None
+
+
+class StreamTap:
+    """Incremental scanner of an SSE response; see the module docstring."""
+
+    __slots__ = ("_carry", "_patterns", "_usage_event", "first_token_at", "gaps", "last_token_at", "started",
+                 "strip_usage", "stripped", "text", "token_events")
+
+    def __init__(self, started: float, *, strip_usage: bool = False, text: bool = False) -> None:
+        self.started = started
+        self.strip_usage = strip_usage
+        self.text = text                       # completions ("text") rather than chat ("content")
+        self._patterns: tuple[bytes, bytes, bytes] | None = None
+        self.stripped = False
+        self.first_token_at: float | None = None
+        self.last_token_at = 0.0
+        self.token_events = 0
+        self.gaps: list[tuple[float, int]] = []   # (gap per event, events) per chunk after the first
+        self._carry = b""
+        self._usage_event = b""
+
+    def feed(self, chunk: bytes, now: float) -> bytes:
+        """Scan ``chunk``; returns the bytes to send to the client (``chunk`` unless stripping)."""
+        data = self._carry + chunk if self._carry else chunk
+        end = data.rfind(_SEP)
+        if end < 0:
+            if len(data) > MAX_CARRY:  # not SSE framing: pass through, stop buffering
+                self._carry = b""
+                return data if self.strip_usage else chunk
+            self._carry = data
+            return b"" if self.strip_usage else chunk
+        tail = end + 2
+        self._carry = data[tail:] if tail < len(data) else b""
+        events = self._count_content(data, end)
+        if events:
+            self._tokens(events, now)
+        at = data.rfind(_USAGE, 0, end)
+        while at >= 0 and not usage_is_object(data, at, end):
+            at = data.rfind(_USAGE, 0, at)
+        if at < 0:
+            if self.strip_usage:
+                return data[:tail]
+            return chunk
+        start = data.rfind(_SEP, 0, at)
+        start = 0 if start < 0 else start + 2
+        stop = data.find(_SEP, at)
+        self._usage_event = data[start:stop]
+        if not self.strip_usage:
+            return chunk
+        self.stripped = True
+        return data[:start] + data[stop + 2:tail]
+
+    def finish(self) -> bytes:
+        """Bytes still held back at the end of the stream (strip mode only)."""
+        rest, self._carry = self._carry, b""
+        return rest if self.strip_usage else b""
+
+    def usage(self) -> TokenUsage | None:
+        """Usage from the last usage event seen, parsed now; None when there was none."""
+        if not self._usage_event:
+            return None
+        return usage_from(parse_event(self._usage_event))
+
+    @property
+    def ttft(self) -> float | None:
+        """Seconds from the request to the first content event; None when there was none."""
+        return None if self.first_token_at is None else self.first_token_at - self.started
+
+    def _count_content(self, data: bytes, end: int) -> int:
+        patterns = self._patterns
+        if patterns is None:
+            spaced = data.find(b'": ', 0, end) >= 0
+            patterns = self._patterns = _PATTERNS[(self.text, spaced)]
+        n = data.count(patterns[0], 0, end)
+        if n:
+            n -= data.count(patterns[1], 0, end) + data.count(patterns[2], 0, end)
+        return max(0, n)
+
+    def _tokens(self, events: int, now: float) -> None:
+        if self.first_token_at is None:
+            self.first_token_at = now
+            if events > 1:
+                self.gaps.append((0.0, events - 1))
+        else:
+            self.gaps.append(((now - self.last_token_at) / events, events))
+        self.last_token_at = now
+        self.token_events += events
