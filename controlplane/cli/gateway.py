@@ -5,9 +5,7 @@ from __future__ import annotations
 import ipaddress
 from typing import Annotated
 
-import structlog
 import typer
-from aiohttp import web
 
 from controlplane.cli.common import (
     CaOpt,
@@ -22,13 +20,16 @@ from controlplane.cli.common import (
 )
 from controlplane.cli.main import app
 from controlplane.logsetup import configure_logging
-from gateway.app import GatewayConfig, build_app
+from gateway.app import GatewayConfig
+from gateway.fleet import FleetSettings
 from gateway.proxy import ProxySettings
+from gateway.workers import BindError, run_gateway
 
 EXAMPLE = """
 Examples:
 
   ctl gateway --etcd etcd1:2379,etcd2:2379 --port 8080
+  ctl gateway --etcd etcd1:2379 --port 8080 --workers 0     # one process per CPU on the same port
   curl -H "Authorization: Bearer $KEY" http://localhost:8080/v1/models
 """
 
@@ -47,18 +48,32 @@ def is_loopback(host: str) -> bool:
 def gateway(
     host: Annotated[str, typer.Option("--host", help="Address to listen on.")] = "0.0.0.0",
     port: Annotated[int, typer.Option("--port", min=1, max=65535, help="Port to listen on.")] = 8080,
-    no_auth: Annotated[bool, typer.Option("--no-auth", help="Accept requests without API keys (loopback only).")] = False,
+    no_auth: Annotated[bool, typer.Option("--no-auth",
+                                          help="Accept requests without API keys (loopback only).")] = False,
     max_body_mb: Annotated[int, typer.Option("--max-body-mb", min=1, help="Largest request body accepted.")] = 32,
     max_attempts: Annotated[int, typer.Option("--max-attempts", min=1, help="Instances tried per request before "
                                               "the first byte.")] = 3,
     stall_timeout: Annotated[float, typer.Option("--stall-timeout", min=1, help="Seconds a stream may stay silent "
                                                  "before it is cut.")] = 300.0,
+    workers: Annotated[int, typer.Option("--workers", min=0, help="Processes serving the port (SO_REUSEPORT), "
+                                         "restarted if they die; 0 = one per CPU.")] = 1,
+    advertise: Annotated[str | None, typer.Option("--advertise", help="host:port clients use to reach this "
+                                                  "gateway, recorded in etcd (default: --host:--port).")] = None,
+    lease_ttl: Annotated[int, typer.Option("--lease-ttl", min=2, help="TTL (s) of the gateway's registration, "
+                                           "demand records and fleet membership.")] = 10,
+    demand_interval: Annotated[float, typer.Option("--demand-interval", min=0.5, help="Seconds between demand "
+                                                   "publications for the planner.")] = 5.0,
+    demand_window: Annotated[int, typer.Option("--demand-window", min=5, help="Seconds of traffic the published "
+                                               "demand rates average over.")] = 60,
+    usage_flush: Annotated[float, typer.Option("--usage-flush", min=0.5, help="Seconds between usage writes "
+                                               "to etcd.")] = 5.0,
     etcd: EtcdOpt = None, etcd_prefix: PrefixOpt = None, etcd_cacert: CaOpt = None, etcd_cert: CertOpt = None,
     etcd_key: KeyOpt = None, etcd_user: UserOpt = None,
 ) -> None:
     """Route OpenAI API calls to READY instances of the pool, streaming included.
 
     Watches instances and API keys in etcd; keeps routing on its last table if etcd goes away.
+    With --workers N, N processes share the port and a parent restarts any that dies.
     """
     configure_logging(component="gateway")
     config = etcd_config(etcd, etcd_prefix, etcd_cacert, etcd_cert, etcd_key, etcd_user)
@@ -66,16 +81,13 @@ def gateway(
         fail(f"--no-auth is only allowed on a loopback address (not {host!r}): anyone could use the pool",
              ExitCode.USAGE)
     cfg = GatewayConfig(etcd=config, auth=not no_auth, max_body_bytes=max_body_mb * 1024 * 1024,
-                        proxy=ProxySettings(max_attempts=max_attempts, stall_timeout_s=stall_timeout))
+                        proxy=ProxySettings(max_attempts=max_attempts, stall_timeout_s=stall_timeout),
+                        address=advertise or f"{host}:{port}", demand_window_s=demand_window,
+                        fleet=FleetSettings(lease_ttl_s=lease_ttl, demand_interval_s=demand_interval,
+                                            usage_flush_s=usage_flush))
     try:
-        import uvloop
-        uvloop.install()
-    except ImportError:  # pragma: no cover - non-Linux
-        pass
-    structlog.get_logger("gateway").info("gateway listening", host=host, port=port, auth=cfg.auth,
-                                         gateway_id=cfg.gateway_id)
-    try:
-        web.run_app(build_app(cfg), host=host, port=port, print=None, access_log=None, handler_cancellation=True,
-                    shutdown_timeout=30)
-    except OSError as exc:
+        code = run_gateway(cfg, host, port, workers=workers, shutdown_timeout=30)
+    except BindError as exc:
         fail(f"cannot listen on {host}:{port}: {exc.strerror or exc}", ExitCode.UNAVAILABLE)
+    if code:
+        raise typer.Exit(code)
