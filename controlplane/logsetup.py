@@ -9,7 +9,9 @@ from __future__ import annotations
 import logging
 import os
 import sys
+from collections.abc import Callable
 
+import orjson
 import structlog
 
 
@@ -25,16 +27,28 @@ def configure_logging(level: str | None = None, fmt: str | None = None, componen
     ]
     if component:
         structlog.contextvars.bind_contextvars(component=component)
-    renderer: structlog.types.Processor = (
-        structlog.dev.ConsoleRenderer(colors=sys.stderr.isatty())
-        if fmt == "console"
-        else structlog.processors.JSONRenderer()
-    )
+    renderer: structlog.types.Processor
+    factory: structlog.types.WrappedLogger
+    binary = getattr(sys.stderr, "buffer", None)
+    if fmt == "console":
+        renderer = structlog.dev.ConsoleRenderer(colors=sys.stderr.isatty())
+        factory = structlog.PrintLoggerFactory(sys.stderr)
+    elif binary is None:  # stderr replaced by a text-only stream (tests)
+        renderer = structlog.processors.JSONRenderer()
+        factory = structlog.PrintLoggerFactory(sys.stderr)
+    else:
+        # orjson renders bytes straight to the stream: a gateway logs one line per request.
+        renderer = structlog.processors.JSONRenderer(serializer=_orjson_dumps)
+        factory = structlog.BytesLoggerFactory(binary)
     structlog.configure(
         processors=[*shared, structlog.processors.format_exc_info, renderer],
         wrapper_class=structlog.make_filtering_bound_logger(numeric),
-        logger_factory=structlog.PrintLoggerFactory(sys.stderr),
+        logger_factory=factory,
         cache_logger_on_first_use=True,
     )
     logging.basicConfig(level=max(numeric, logging.WARNING), stream=sys.stderr,
                         format="%(levelname)s %(name)s: %(message)s")
+
+
+def _orjson_dumps(obj: object, default: Callable[[object], object] | None = None) -> bytes:
+    return orjson.dumps(obj, default=default or str, option=orjson.OPT_NON_STR_KEYS)

@@ -23,7 +23,6 @@ import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 
-import aiohttp
 import orjson
 import structlog
 from aiohttp import web
@@ -35,11 +34,12 @@ from gateway.ejection import Ejections
 from gateway.errors import GatewayError, ModelNotFound, NoCapacity, PayloadTooLarge, RateLimited, error_response
 from gateway.fleet import FleetMember, FleetSettings
 from gateway.limits import RateLimiter
-from gateway.metrics import GatewayMetrics
+from gateway.metrics import UNKNOWN_MODEL, GatewayMetrics
 from gateway.proxy import Exchange, Forwarder, ProxySettings, parse_model
 from gateway.routing import SESSION_HEADER
 from gateway.sse import with_usage_requested
 from gateway.table import Endpoint, RoutingTable
+from gateway.upstream import UpstreamPool
 from gateway.usage import DemandMeter, UsageBook
 
 log = structlog.get_logger(__name__)
@@ -98,11 +98,10 @@ class Gateway:
     # -- lifecycle ---------------------------------------------------------------------------
 
     async def background(self, _: web.Application) -> AsyncIterator[None]:
-        """cleanup_ctx: etcd watches and the upstream session live as long as the app."""
+        """cleanup_ctx: etcd watches and the upstream connection pool live as long as the app."""
         store = await EtcdStore(self.config.etcd).connect()
-        connector = aiohttp.TCPConnector(limit=0, ttl_dns_cache=300, keepalive_timeout=60)
-        session = aiohttp.ClientSession(connector=connector, auto_decompress=False, skip_auto_headers=("User-Agent",))
-        self.forwarder = Forwarder(session, self.config.proxy, on_retry=self.metrics.retries.inc)
+        pool = UpstreamPool(connect_timeout_s=self.config.proxy.connect_timeout_s)
+        self.forwarder = Forwarder(pool, self.config.proxy, on_retry=self.metrics.retries.inc)
         self.metrics.bind(self)
         tasks = [asyncio.create_task(self._watch(store, self.keys.instances, self._on_instances),
                                      name="watch-instances"),
@@ -122,7 +121,7 @@ class Gateway:
                 with contextlib.suppress(asyncio.CancelledError):
                     await t
             await self.fleet.close()
-            await session.close()
+            pool.close()
             await store.close()
 
     async def _watch(self, store: EtcdStore, prefix: str, apply: Callable[..., None]) -> None:
@@ -232,7 +231,7 @@ class Gateway:
                   ex: Exchange | None, counted: bool, arrived: bool) -> None:
         """Book-keeping after the response ended (or failed): metrics, usage, demand, limits, log."""
         now = time.monotonic()
-        self.metrics.observe_request(model, route, status, now - started)
+        self.metrics.observe_request(model if counted else UNKNOWN_MODEL, route, status, now - started)
         usage = ex.usage if ex is not None else None
         if counted:
             error = status >= 400 or (ex is not None and not ex.completed)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from bisect import bisect_left
 from collections.abc import Iterator, Sequence
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.core import HistogramMetricFamily, Metric
@@ -15,6 +15,9 @@ if TYPE_CHECKING:
     from gateway.app import Gateway
     from gateway.sse import StreamTap, TokenUsage
 
+# The model label of requests for models the gateway does not know: clients choose the body's
+# "model", and one series per made-up name would let them grow /metrics without bound.
+UNKNOWN_MODEL = "_unknown"
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
 # vLLM's buckets for time to first token and time per output token
 TTFT_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0,
@@ -62,6 +65,7 @@ class GatewayMetrics:
 
     def __init__(self) -> None:
         self.registry = r = CollectorRegistry()
+        self._request_children: dict[tuple[str, str, int], tuple[Any, Any]] = {}
         self.requests = Counter("modelpool_gateway_requests", "Requests answered, by model, route and status",
                                 ["model", "route", "status"], registry=r)
         self.duration = Histogram("modelpool_gateway_request_duration_seconds", "Time until the response ended",
@@ -95,9 +99,14 @@ class GatewayMetrics:
         self._gw = gw
 
     def observe_request(self, model: str, route: str, status: int, seconds: float) -> None:
-        """Count one finished request."""
-        self.requests.labels(model, route, str(status)).inc()
-        self.duration.labels(model, route).observe(seconds)
+        """Count one finished request (``model`` must come from a bounded set: see UNKNOWN_MODEL)."""
+        key = (model, route, status)
+        children = self._request_children.get(key)
+        if children is None:  # label lookups cost more than the update; resolve once per series
+            children = self._request_children[key] = (self.requests.labels(model, route, str(status)),
+                                                      self.duration.labels(model, route))
+        children[0].inc()
+        children[1].observe(seconds)
 
     def observe_tokens(self, model: str, usage: TokenUsage) -> None:
         """Count the tokens of one response."""

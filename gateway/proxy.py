@@ -7,10 +7,12 @@
                                             first byte ─▶ stream chunks through as they arrive
 
 The client sees exactly what the engine answered to the client's own body: upstream bytes are
-passed through undecoded (``auto_decompress=False``), so SSE framing, ``data: [DONE]``, ``usage``
-and every other field arrive as the engine wrote them. The one exception is invisible by
-construction: for a stream that did not ask for usage the gateway asks the engine for it
-(``sse.with_usage_requested``) and the ``StreamTap`` removes exactly that usage event again.
+passed through undecoded (``gateway.upstream`` never decompresses or re-frames them), so SSE
+framing, ``data: [DONE]``, ``usage`` and every other field arrive as the engine wrote them. The
+one exception is invisible by construction: for a stream that did not ask for usage the gateway
+asks the engine for it (``sse.with_usage_requested``) and the ``StreamTap`` removes exactly that
+usage event again.
+
 Once the first byte has been sent the request is committed to that instance; a client that goes
 away cancels the handler, which closes the upstream connection so the engine stops generating.
 
@@ -20,12 +22,10 @@ What the data path learns (instance, status, usage, TTFT, gaps) lands in the req
 
 from __future__ import annotations
 
-import asyncio
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
-import aiohttp
 import orjson
 import structlog
 from aiohttp import web
@@ -35,6 +35,8 @@ from gateway.errors import BadRequest, GatewayError, NoCapacity, UpstreamFailed,
 from gateway.routing import pick_affinity
 from gateway.sse import StreamTap, TokenUsage, usage_from_body, usage_from_tail
 from gateway.table import Endpoint
+from gateway.upstream import UpstreamBroken, UpstreamError, UpstreamPool, UpstreamResponse
+from gateway.upstream import UpstreamTimeout as UpstreamTimeoutError
 
 log = structlog.get_logger(__name__)
 
@@ -93,14 +95,32 @@ def parse_model(body: bytes) -> tuple[str, dict[str, object]]:
     return model, payload
 
 
-def upstream_headers(request: web.Request, request_id: str) -> CIMultiDict[str]:
+def upstream_headers(request: web.Request, request_id: str) -> list[tuple[str, str]]:
     """The client's headers minus hop-by-hop ones and credentials, plus our request id."""
-    out: CIMultiDict[str] = CIMultiDict()
-    for name, value in request.headers.items():
-        if name.lower() not in DROP_REQUEST_HEADERS:
-            out.add(name, value)
-    out["X-Request-Id"] = request_id
+    out = [(name, value) for name, value in request.headers.items()
+           if name.lower() not in DROP_REQUEST_HEADERS and name.lower() != "x-request-id"]
+    out.append(("X-Request-Id", request_id))  # the client's own id when it sent one (see the middleware)
     return out
+
+
+def response_headers(raw: list[tuple[bytes, bytes]], request_id: str,
+                     extra: Mapping[str, str] | None) -> tuple[CIMultiDict[str], bool]:
+    """The engine's response headers for the client (hop-by-hop ones dropped) and whether it is SSE."""
+    headers: CIMultiDict[str] = CIMultiDict()
+    sse = False
+    for rname, rvalue in raw:
+        name = rname.decode("latin-1")
+        lname = name.lower()
+        if lname in DROP_RESPONSE_HEADERS:
+            continue
+        value = rvalue.decode("latin-1")
+        if lname == "content-type" and value.startswith("text/event-stream"):
+            sse = True
+        headers.add(name, value)
+    headers["X-Request-Id"] = request_id
+    if extra:
+        headers.update(extra)
+    return headers, sse
 
 
 class InFlight:
@@ -124,17 +144,15 @@ class InFlight:
 
 
 class Forwarder:
-    """Sends requests upstream with retries before the first byte; one shared client session."""
+    """Sends requests upstream with retries before the first byte, over one keep-alive pool."""
 
-    def __init__(self, session: aiohttp.ClientSession, settings: ProxySettings,
+    def __init__(self, pool: UpstreamPool, settings: ProxySettings,
                  on_retry: Callable[[], None] | None = None) -> None:
-        self.session = session
+        self.pool = pool
         self.settings = settings
         self.in_flight = InFlight()
         self.retries = 0
         self.on_retry = on_retry
-        self._timeout = aiohttp.ClientTimeout(total=None, sock_connect=settings.connect_timeout_s,
-                                              sock_read=settings.first_byte_timeout_s)
 
     async def forward(self, request: web.Request, path: str, body: bytes, candidates: tuple[Endpoint, ...],
                       request_id: str, on_result: OnResult | None = None,
@@ -158,23 +176,25 @@ class Forwarder:
                     self.on_retry()
             self.in_flight.acquire(ep)
             try:
-                upstream = await self.session.post(ep.url + path, data=body, headers=headers, timeout=self._timeout,
-                                                   allow_redirects=False)
-            except (aiohttp.ClientConnectionError, aiohttp.ClientPayloadError, TimeoutError) as exc:
+                upstream = await self.pool.request(ep.url, path, headers, body, self.settings.first_byte_timeout_s)
+            except UpstreamError as exc:
                 self.in_flight.release(ep)
-                reason = _describe(exc)
+                reason = "timed out" if isinstance(exc, UpstreamTimeoutError) else str(exc)
                 log.warning("upstream failed before first byte", instance=ep.instance_id, error=reason,
-                            attempt=attempt + 1, request_id=request_id)
+                            attempt=attempt + 1)
                 if on_result:
                     on_result(ep, reason)
-                last_error = (UpstreamTimeout if isinstance(exc, TimeoutError) else UpstreamFailed)(
+                last_error = (UpstreamTimeout if isinstance(exc, UpstreamTimeoutError) else UpstreamFailed)(
                     f"instance {ep.instance_id} of '{ep.model}' failed: {reason}")
                 continue
+            except BaseException:
+                self.in_flight.release(ep)
+                raise
             if upstream.status >= 500 and attempt + 1 < attempts:
-                upstream.release()
+                upstream.close()
                 self.in_flight.release(ep)
                 log.warning("upstream answered 5xx; retrying elsewhere", instance=ep.instance_id,
-                            status=upstream.status, request_id=request_id)
+                            status=upstream.status)
                 if on_result:
                     on_result(ep, f"HTTP {upstream.status}")
                 continue
@@ -187,20 +207,20 @@ class Forwarder:
                 self.in_flight.release(ep)
         raise last_error
 
-    async def _relay(self, request: web.Request, upstream: aiohttp.ClientResponse,
+    async def _relay(self, request: web.Request, upstream: UpstreamResponse,
                      request_id: str, ex: Exchange) -> web.StreamResponse:
         """Copy status, headers and body to the client, chunk by chunk as they arrive."""
         completed = False
+        stall = self.settings.stall_timeout_s
         try:
-            headers = CIMultiDict((k, v) for k, v in upstream.headers.items() if k.lower() not in DROP_RESPONSE_HEADERS)
-            headers["X-Request-Id"] = request_id
-            if ex.extra_headers:
-                headers.update(ex.extra_headers)
+            headers, sse = response_headers(upstream.headers, request_id, ex.extra_headers)
             length = upstream.content_length
-            sse = upstream.headers.get("Content-Type", "").startswith("text/event-stream")
             tap = ex.tap = StreamTap(ex.started, strip_usage=ex.strip_usage, text=ex.text) if sse else None
             if length is not None and length <= 1 << 20:
-                data = await asyncio.wait_for(upstream.read(), self.settings.stall_timeout_s)
+                try:
+                    data = await upstream.read_all(stall)
+                except (UpstreamTimeoutError, UpstreamBroken) as exc:
+                    raise UpstreamFailed(f"instance {ex.instance_id} broke off its answer: {exc}") from None
                 completed = ex.completed = True
                 if tap is not None:
                     data = tap.feed(data, time.monotonic()) + tap.finish()
@@ -212,17 +232,15 @@ class Forwarder:
             if length is not None and not (tap is not None and ex.strip_usage):
                 resp.content_length = length
             await resp.prepare(request)
-            content = upstream.content
-            stall = self.settings.stall_timeout_s
             tail = b""
             while True:
                 try:
-                    chunk = await asyncio.wait_for(content.readany(), stall)
-                except TimeoutError:
-                    log.warning("upstream stalled; ending the stream", stall_s=stall, request_id=request_id)
+                    chunk = await upstream.read_some(stall)
+                except UpstreamTimeoutError:
+                    log.warning("upstream stalled; ending the stream", stall_s=stall)
                     break
-                except aiohttp.ClientPayloadError as exc:
-                    log.warning("upstream broke mid-stream", error=str(exc), request_id=request_id)
+                except UpstreamBroken as exc:
+                    log.warning("upstream broke mid-stream", error=str(exc))
                     break
                 if not chunk:
                     completed = True
@@ -244,19 +262,12 @@ class Forwarder:
             ex.completed = completed
             if completed:
                 await resp.write_eof()
-            else:
+            elif request.transport is not None:
                 # Cut the client's connection rather than pretending the stream ended cleanly.
-                if request.transport is not None:
-                    request.transport.close()
+                request.transport.close()
             return resp
         finally:
             if completed:
                 upstream.release()
             else:
                 upstream.close()  # the engine sees the disconnect and stops generating
-
-
-def _describe(exc: BaseException) -> str:
-    if isinstance(exc, TimeoutError):
-        return "timed out"
-    return str(exc) or type(exc).__name__

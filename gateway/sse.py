@@ -26,7 +26,7 @@ _USAGE = b'"usage"'
 _SEP = b"\n\n"
 # Content-bearing events: chat deltas ("content", "reasoning_content") or completions ("text"),
 # minus empty ones; compact JSON (vLLM, SGLang: pydantic) or spaced (Python's json.dumps), decided
-# once per stream so each chunk costs three scans.
+# once per stream so each chunk costs at most three scans.
 _PATTERNS = {
     (False, False): (b'content":', b'content":""', b'content":null'),
     (False, True): (b'content":', b'content": ""', b'content": null'),
@@ -218,7 +218,7 @@ class StreamTap:
             spaced = data.find(b'": ', 0, end) >= 0
             patterns = self._patterns = _PATTERNS[(self.text, spaced)]
         n = data.count(patterns[0], 0, end)
-        if n:
+        if n:  # the role event and vLLM's final event carry empty content: not tokens
             n -= data.count(patterns[1], 0, end) + data.count(patterns[2], 0, end)
         return max(0, n)
 

@@ -5,7 +5,8 @@ solves. Variables, per unit u (one node, or a class of nodes' GPUs, see model.py
 
     x[u,m,t]   integer  new replicas of model m at tensor parallelism t
     k[u,g]     integer  running replicas of keep group g (same node, model, TP, type) that stay, 0..count
-    z[u,m]     integer  distinct nodes of u hosting m (only models with min_replicas >= 2)
+    z[u,m]     integer  distinct nodes of u hosting m (only models with min_replicas >= 2):
+                        z <= sum x[u,m,.] + sum over nodes n keeping m of y[n,m] (0/1, <= sum k of n)
     unmet[m]   >= 0     requests/s not served:  unmet + sum rps(m,type,t) * (x + k) >= demand
     short[m]   >= 0     distinct nodes missing below min_replicas
 
@@ -107,6 +108,9 @@ def solve_units(
     budget_terms: list[tuple[pulp.LpVariable, float]] = []
     kept_rps: dict[str, float] = defaultdict(float)
     kept_nodes: dict[tuple[int, str], set[str]] = defaultdict(set)
+    # keep variables per (unit, model) and node: a node counts once towards spread however many
+    # replicas of the model it keeps
+    kept_terms: dict[tuple[int, str], dict[str, list[pulp.LpVariable]]] = defaultdict(lambda: defaultdict(list))
     churn_constant = 0.0
     models = {m.name: m for m in snapshot.models}
 
@@ -122,7 +126,7 @@ def solve_units(
             rps = table.rps(models[model_name], gtype, tp)
             rps_terms[model_name].append((kv, rps))
             kept_rps[model_name] += rps * g.count
-            unit_terms[(ui, model_name)].append(kv)
+            kept_terms[(ui, model_name)][g.node_id].append(kv)
             model_terms[model_name].append(kv)
             kept_nodes[(ui, model_name)].add(g.node_id)
         for gtype, bins in sorted(unit.bins.items()):
@@ -152,7 +156,8 @@ def solve_units(
                     model_terms[model.name].append(xv)
             _packing_rows(b.prob, unit, bins, groups, new_vars, k, ui)
 
-    spread = _demand_and_replica_rows(snapshot, b, units, rps_terms, unit_terms, model_terms, kept_rps, kept_nodes)
+    spread = _demand_and_replica_rows(snapshot, b, units, rps_terms, unit_terms, kept_terms, model_terms, kept_rps,
+                                      kept_nodes)
     if budget is not None and budget_terms:
         b.prob += pulp.LpAffineExpression(budget_terms) <= budget
     total_constant = constant + churn_constant
@@ -204,6 +209,7 @@ def _demand_and_replica_rows(
     units: list[Unit],
     rps_terms: dict[str, list[tuple[pulp.LpVariable, float]]],
     unit_terms: dict[tuple[int, str], list[pulp.LpVariable]],
+    kept_terms: dict[tuple[int, str], dict[str, list[pulp.LpVariable]]],
     model_terms: dict[str, list[pulp.LpVariable]],
     kept_rps: dict[str, float],
     kept_nodes: dict[tuple[int, str], set[str]],
@@ -229,11 +235,20 @@ def _demand_and_replica_rows(
             continue
         present: list[pulp.LpVariable] = []
         for ui, unit in enumerate(units):
-            terms = unit_terms.get((ui, model.name))
-            if not terms:
+            new = unit_terms.get((ui, model.name), [])
+            kept = kept_terms.get((ui, model.name), {})
+            if not new and not kept:
                 continue
-            zv = b.var(0, len(unit.node_ids), True, warm=len(kept_nodes.get((ui, model.name), ())))
-            b.prob += zv <= pulp.lpSum(terms)
+            hosts: list[pulp.LpVariable] = []
+            for kvs in kept.values():
+                if len(kvs) == 1 and kvs[0].upBound == 1:
+                    hosts.append(kvs[0])  # already a 0/1 "this node keeps one" indicator
+                    continue
+                yv = b.var(0, 1, True, warm=1)
+                b.prob += yv <= pulp.lpSum(kvs)
+                hosts.append(yv)
+            zv = b.var(0, len(unit.node_ids), True, warm=len(kept))
+            b.prob += zv <= pulp.lpSum(new) + pulp.lpSum(hosts)
             spread[(ui, model.name)] = zv
             present.append(zv)
         b.prob += pulp.lpSum(present) + short >= model.min_replicas

@@ -437,7 +437,7 @@ def test_upstream_headers_drop_credentials_and_hop_by_hop() -> None:
         ("X-Trace", "t2"), ("X-Request-Id", "client-chosen"), ("User-Agent", "OpenAI/Python 1.54.0"),
     ])
     request = make_mocked_request("POST", "/v1/chat/completions", headers=headers)
-    out = upstream_headers(request, "req-123")
+    out = CIMultiDict(upstream_headers(request, "req-123"))
     lowered = {k.lower() for k in out}
     for dropped in ("authorization", "connection", "keep-alive", "transfer-encoding", "host", "content-length",
                     "cookie", "proxy-authorization", "te", "upgrade"):

@@ -148,3 +148,27 @@ def test_running_nodes_in_classes_stay_valid_and_never_beat_the_exact_model(snap
     assert pooled.solver_objective == pytest.approx(pooled.objective, abs=1e-4)
     exact = compute_plan(snap, NOW, mip_gap=0.0)
     assert exact.objective <= pooled.objective + 1e-4
+
+
+def test_replicas_kept_on_one_node_count_once_towards_min_replicas() -> None:
+    # Found by hypothesis: two running replicas of m0 on n2 were counted as two distinct nodes in
+    # the pooled model, so it promised min_replicas=2 the exact model (rightly) could not.
+    a100 = {"type": "A100-40GB", "memory_gib": 40.0}
+    snap = Snapshot.model_validate({
+        "nodes": [
+            {"node_id": "n0", "gpus": [{"index": 0, **a100}], "free_gpu_indices": [0]},
+            {"node_id": "n1", "gpus": [{"index": 0, **a100}], "free_gpu_indices": [0]},
+            {"node_id": "n2", "gpus": [{"index": i, **a100} for i in range(4)], "free_gpu_indices": []},
+        ],
+        "models": [{"name": "m0", "weight_memory_gib": 60.0, "min_replicas": 2, "reference_rps": 0.5}],
+        "gpu_types": {"A100-40GB": {"price_per_hour": 1.2, "relative_speed": 1.6}},
+        "demand": {"m0": 0.0},
+        "current": [{"node_id": "n2", "model": "m0", "tp": 2, "gpu_indices": [0, 1], "replica_id": "r2-0"},
+                    {"node_id": "n2", "model": "m0", "tp": 2, "gpu_indices": [2, 3], "replica_id": "r2-2"}],
+    })
+    for single in (0, 100):
+        plan = compute_plan(snap, NOW, mip_gap=0.0, max_single_nodes=single)
+        check_plan_valid(snap, NOW, plan)
+        assert plan.solver_objective == pytest.approx(plan.objective, abs=1e-4)
+        assert plan.coverage["m0"].distinct_nodes == 1
+        assert any("min_replicas" in n for n in plan.notes)
