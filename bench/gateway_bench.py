@@ -111,7 +111,7 @@ def naive_proxy(port: int, upstream: str) -> None:
 
 # -- processes --------------------------------------------------------------------------------
 
-def start_nginx(tmp: Path, body: bytes, event_bytes: int) -> tuple[subprocess.Popen[bytes], str]:
+def start_nginx(tmp: Path, body: bytes, event_bytes: int, mode: str = "chunked") -> tuple[subprocess.Popen[bytes], str]:
     ngx = tmp / "nginx"
     ngx.mkdir()
     (ngx / "body.sse").write_bytes(body)
@@ -119,6 +119,7 @@ def start_nginx(tmp: Path, body: bytes, event_bytes: int) -> tuple[subprocess.Po
     conf = (ROOT / "bench" / "canned_sse" / "nginx.conf.template").read_text()
     conf = conf.replace("@DIR@", str(ngx)).replace("@PORT@", str(port)).replace("@MODEL@", MODEL)
     conf = conf.replace("@EVENT_BYTES@", str(event_bytes))
+    conf = conf.replace("@CANNED@", "/canned/" if mode == "chunked" else "/static/")
     (ngx / "nginx.conf").write_text(conf)
     proc = spawn(["nginx", "-p", str(ngx), "-c", str(ngx / "nginx.conf"), "-e", str(ngx / "error.log")],
                  tmp / "nginx.out")
@@ -251,6 +252,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--chunks", type=int, default=64, help="SSE events per response (plus [DONE])")
     parser.add_argument("--targets", nargs="+", default=["direct", "gateway", "vllm-router", "naive"],
                         choices=["direct", "gateway", "vllm-router", "naive"])
+    parser.add_argument("--upstream", choices=["chunked", "static"], default="chunked",
+                        help="chunked: one HTTP chunk per SSE event, as engines stream (default); static: the "
+                             "same body in one write with Content-Length, so only the proxies' cost shows")
     parser.add_argument("--json-out", type=Path, help="write results here as JSON")
     parser.add_argument("--hold", type=float, default=0.0,
                         help="after setup, print the targets and keep them up this many seconds (for profiling)")
@@ -268,7 +272,7 @@ def main(argv: list[str] | None = None) -> int:
     etcd: EtcdProcess | None = None
     targets: list[Target] = []
     try:
-        nginx, upstream = start_nginx(tmp, body, event_bytes)
+        nginx, upstream = start_nginx(tmp, body, event_bytes, args.upstream)
         procs.append(nginx)
         targets.append(Target("direct", upstream, nginx.pid, nginx))
         if "gateway" in args.targets:

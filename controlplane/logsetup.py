@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import os
 import sys
+import time
 from collections.abc import Callable
 
 import orjson
@@ -23,7 +24,7 @@ def configure_logging(level: str | None = None, fmt: str | None = None, componen
     shared: list[structlog.types.Processor] = [
         structlog.contextvars.merge_contextvars,
         structlog.processors.add_log_level,
-        structlog.processors.TimeStamper(fmt="iso", utc=True),
+        _iso_utc_timestamp,
     ]
     if component:
         structlog.contextvars.bind_contextvars(component=component)
@@ -52,3 +53,17 @@ def configure_logging(level: str | None = None, fmt: str | None = None, componen
 
 def _orjson_dumps(obj: object, default: Callable[[object], object] | None = None) -> bytes:
     return orjson.dumps(obj, default=default or str, option=orjson.OPT_NON_STR_KEYS)
+
+
+_second: list[object] = [-1, ""]   # the last whole second formatted, and its text
+
+
+def _iso_utc_timestamp(_: object, __: str, event_dict: structlog.types.EventDict) -> structlog.types.EventDict:
+    """``timestamp`` as structlog's TimeStamper(fmt="iso", utc=True) writes it, formatting each
+    second once (a gateway logs a line per request)."""
+    now = time.time()
+    sec = int(now)
+    if _second[0] != sec:
+        _second[0], _second[1] = sec, time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(sec))
+    event_dict["timestamp"] = f"{_second[1]}.{int((now - sec) * 1e6):06d}Z"
+    return event_dict

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -151,7 +152,7 @@ class Gateway:
     async def errors_middleware(self, request: web.Request,
                                 handler: Callable[[web.Request], Awaitable[web.StreamResponse]]) -> web.StreamResponse:
         """Every error leaves in the OpenAI envelope, with the request id."""
-        request_id = request.headers.get("X-Request-Id") or uuid.uuid4().hex
+        request_id = request.headers.get("X-Request-Id") or os.urandom(16).hex()
         request[REQUEST_ID] = request_id
         # each request runs in its own task, hence its own copy of the context: no unbinding needed
         structlog.contextvars.bind_contextvars(request_id=request_id)

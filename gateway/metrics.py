@@ -66,6 +66,7 @@ class GatewayMetrics:
     def __init__(self) -> None:
         self.registry = r = CollectorRegistry()
         self._request_children: dict[tuple[str, str, int], tuple[Any, Any]] = {}
+        self._model_children: dict[str, tuple[Any, Any, Any]] = {}
         self.requests = Counter("modelpool_gateway_requests", "Requests answered, by model, route and status",
                                 ["model", "route", "status"], registry=r)
         self.duration = Histogram("modelpool_gateway_request_duration_seconds", "Time until the response ended",
@@ -110,19 +111,29 @@ class GatewayMetrics:
 
     def observe_tokens(self, model: str, usage: TokenUsage) -> None:
         """Count the tokens of one response."""
+        children = self._per_model(model)
         if usage.prompt_tokens:
-            self.tokens.labels(model, "prompt").inc(usage.prompt_tokens)
+            children[0].inc(usage.prompt_tokens)
         if usage.completion_tokens:
-            self.tokens.labels(model, "completion").inc(usage.completion_tokens)
+            children[1].inc(usage.completion_tokens)
 
     def observe_stream(self, model: str, tap: StreamTap) -> None:
         """TTFT and inter-token gaps of one streamed response (after it ended, off the hot loop)."""
         ttft = tap.ttft
         if ttft is None:
             return
-        self.ttft.labels(model).observe(ttft)
+        self._per_model(model)[2].observe(ttft)
         for gap, events in tap.gaps:
             self.itl.observe(model, gap, events)
+
+    def _per_model(self, model: str) -> tuple[Any, Any, Any]:
+        """(prompt tokens, completion tokens, TTFT) series of ``model``, resolved once."""
+        children = self._model_children.get(model)
+        if children is None:
+            children = self._model_children[model] = (self.tokens.labels(model, "prompt"),
+                                                      self.tokens.labels(model, "completion"),
+                                                      self.ttft.labels(model))
+        return children
 
     def render(self) -> tuple[bytes, str]:
         """The exposition text and its content type."""

@@ -223,7 +223,7 @@ class Forwarder:
                     raise UpstreamFailed(f"instance {ex.instance_id} broke off its answer: {exc}") from None
                 completed = ex.completed = True
                 if tap is not None:
-                    data = tap.feed(data, time.monotonic()) + tap.finish()
+                    data = tap.feed_all(data, time.monotonic())
                     ex.usage = tap.usage()
                 elif upstream.status < 400 and b'"usage"' in data:
                     ex.usage = usage_from_body(data)

@@ -25,13 +25,15 @@ import orjson
 _USAGE = b'"usage"'
 _SEP = b"\n\n"
 # Content-bearing events: chat deltas ("content", "reasoning_content") or completions ("text"),
-# minus empty ones; compact JSON (vLLM, SGLang: pydantic) or spaced (Python's json.dumps), decided
-# once per stream so each chunk costs at most three scans.
+# minus empty and null ones; compact JSON (vLLM, SGLang: pydantic) or spaced (Python's json.dumps),
+# decided once per stream.
+# (any, string, empty string): before the first token every event with the key counts unless
+# empty or null (3 scans); after it, string values minus empty ones (2 scans).
 _PATTERNS = {
-    (False, False): (b'content":', b'content":""', b'content":null'),
-    (False, True): (b'content":', b'content": ""', b'content": null'),
-    (True, False): (b'"text":', b'"text":""', b'"text":null'),
-    (True, True): (b'"text":', b'"text": ""', b'"text": null'),
+    (False, False): (b'content":', b'content":"', b'content":""'),
+    (False, True): (b'content":', b'content": "', b'content": ""'),
+    (True, False): (b'"text":', b'"text":"', b'"text":""'),
+    (True, True): (b'"text":', b'"text": "', b'"text": ""'),
 }
 MAX_CARRY = 1 << 20   # an "event" longer than this without a blank line is not SSE: stop scanning it
 
@@ -146,6 +148,16 @@ def parse_event(event: bytes) -> object:
         return None
 
 
+def _has_token(data: bytes, string_value: bytes) -> bool:
+    """Whether some ``string_value`` (e.g. ``content":"``) opens a non-empty string."""
+    at = data.find(string_value)
+    while at >= 0:
+        if data[at + len(string_value):at + len(string_value) + 1] != b'"':
+            return True
+        at = data.find(string_value, at + len(string_value))
+    return False
+
+
 class StreamTap:
     """Incremental scanner of an SSE response; see the module docstring."""
 
@@ -165,7 +177,18 @@ class StreamTap:
         self._carry = b""
         self._usage_event = b""
 
-    def feed(self, chunk: bytes, now: float) -> bytes:
+    def feed_all(self, body: bytes, now: float) -> bytes:
+        """A whole response read at once: usage (and stripping) only, the first token at ``now``.
+
+        A body that arrived in one piece holds no per-token timing, so it is not counted: its
+        gaps would all be zero and skew the inter-token histogram.
+        """
+        out = self.feed(body, now, count=False) + self.finish()
+        if self.first_token_at is None and _has_token(body, self._patterns_for(body, len(body))[1]):
+            self.first_token_at = self.last_token_at = now
+        return out
+
+    def feed(self, chunk: bytes, now: float, *, count: bool = True) -> bytes:
         """Scan ``chunk``; returns the bytes to send to the client (``chunk`` unless stripping)."""
         data = self._carry + chunk if self._carry else chunk
         end = data.rfind(_SEP)
@@ -177,7 +200,7 @@ class StreamTap:
             return b"" if self.strip_usage else chunk
         tail = end + 2
         self._carry = data[tail:] if tail < len(data) else b""
-        events = self._count_content(data, end)
+        events = self._count_content(data, end) if count else 0
         if events:
             self._tokens(events, now)
         at = data.rfind(_USAGE, 0, end)
@@ -212,14 +235,22 @@ class StreamTap:
         """Seconds from the request to the first content event; None when there was none."""
         return None if self.first_token_at is None else self.first_token_at - self.started
 
-    def _count_content(self, data: bytes, end: int) -> int:
+    def _patterns_for(self, data: bytes, end: int) -> tuple[bytes, bytes, bytes]:
         patterns = self._patterns
         if patterns is None:
             spaced = data.find(b'": ', 0, end) >= 0
             patterns = self._patterns = _PATTERNS[(self.text, spaced)]
+        return patterns
+
+    def _count_content(self, data: bytes, end: int) -> int:
+        patterns = self._patterns or self._patterns_for(data, end)
+        if self.first_token_at is not None:  # string contents minus empty ones (vLLM's final event)
+            n = data.count(patterns[1], 0, end)
+            return n - data.count(patterns[2], 0, end) if n else 0
         n = data.count(patterns[0], 0, end)
-        if n:  # the role event and vLLM's final event carry empty content: not tokens
-            n -= data.count(patterns[1], 0, end) + data.count(patterns[2], 0, end)
+        if n:  # the role event carries empty (or null) content: not a token
+            strings = data.count(patterns[1], 0, end)
+            n = strings - data.count(patterns[2], 0, end)
         return max(0, n)
 
     def _tokens(self, events: int, now: float) -> None:

@@ -149,7 +149,8 @@ class _Connection(asyncio.Protocol):
     def start(self, payload: bytes, response: UpstreamResponse) -> asyncio.Future[None]:
         """Write the request; the returned future resolves when the response headers are in."""
         assert self.transport is not None
-        self._parser = httptools.HttpResponseParser(self)
+        # One parser per connection: llhttp starts over after each complete keep-alive response,
+        # and a connection whose response did not complete is closed, never reused.
         self._header_list = []
         self._got_bytes = False
         self._response = response

@@ -199,3 +199,17 @@ def test_weighted_itl_histogram_equals_one_observation_per_event() -> None:
         return [line for line in generate_latest(reg).splitlines() if b"_created" not in line]
 
     assert samples(mine) == samples(ref)
+
+
+@pytest.mark.parametrize("strip", [False, True])
+@pytest.mark.parametrize("compact", [False, True])
+def test_a_body_read_at_once_gives_usage_and_first_token_but_no_gaps(strip: bool, compact: bool) -> None:
+    with_usage, without = chat_stream(WORDS, USAGE, compact=compact)
+    tap = StreamTap(1.0, strip_usage=strip)
+    assert tap.feed_all(with_usage, 1.5) == (without if strip else with_usage)
+    assert tap.usage() == TokenUsage(7, 5)
+    assert tap.ttft == pytest.approx(0.5)
+    assert tap.gaps == [] and tap.token_events == 0
+    empty = StreamTap(1.0)
+    empty.feed_all(chat_stream([], None, compact=compact)[0], 2.0)
+    assert empty.ttft is None  # only the role and the final event: no token arrived
