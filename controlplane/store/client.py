@@ -306,9 +306,10 @@ def _kv(kv: Any) -> KeyValue:
 
 # gRPC's default reconnect backoff grows to 120 s, so a client that saw etcd go away may take
 # seconds to notice it is back. Agents must re-register within about a second of etcd returning.
+# (Not grpc.min_reconnect_backoff_ms: gRPC uses it as the minimum connect timeout, and a low one
+# aborts TLS handshakes on a busy machine.)
 RECONNECT_OPTIONS = (
     ("grpc.initial_reconnect_backoff_ms", 100),
-    ("grpc.min_reconnect_backoff_ms", 100),
     ("grpc.max_reconnect_backoff_ms", 1000),
 )
 

@@ -21,7 +21,10 @@ def cluster() -> Iterator[EtcdCluster]:
 
 
 async def test_operations_and_leases_survive_losing_a_member(cluster: EtcdCluster, etcd_prefix: str) -> None:
-    store = await EtcdStore(EtcdConfig(endpoints=cluster.endpoints, prefix=etcd_prefix, timeout_s=5.0)).connect()
+    # When the killed member is the leader, etcd holds a write proposed through a follower until
+    # its own request timeout (5 s + 2 x election timeout = 7 s by default) while it elects another:
+    # the client's deadline must outlast that, or the test is flaky by construction.
+    store = await EtcdStore(EtcdConfig(endpoints=cluster.endpoints, prefix=etcd_prefix, timeout_s=10.0)).connect()
     key = store.key("node")
 
     async def register(lease_id: int) -> None:
