@@ -38,7 +38,7 @@ from gateway.limits import RateLimiter
 from gateway.metrics import UNKNOWN_MODEL, GatewayMetrics
 from gateway.proxy import Exchange, Forwarder, ProxySettings, parse_model
 from gateway.routing import SESSION_HEADER
-from gateway.sse import with_usage_requested
+from gateway.sse import TOKEN_FIELDS, with_usage_requested
 from gateway.table import Endpoint, RoutingTable
 from gateway.upstream import UpstreamPool
 from gateway.usage import DemandMeter, UsageBook
@@ -201,7 +201,7 @@ class Gateway:
             assert self.forwarder is not None  # set in background() before the server accepts requests
             upstream_body = with_usage_requested(request.path, payload, body)
             ex = Exchange(started, session=request.headers.get(SESSION_HEADER), strip_usage=upstream_body is not None,
-                          text=request.path == "/v1/completions", extra_headers=extra)
+                          token_field=TOKEN_FIELDS.get(request.path, "content"), extra_headers=extra)
             resp = await self.forwarder.forward(request, FORWARDED_ROUTES[request.path], upstream_body or body,
                                                 self.ejections.filter(candidates), request_id,
                                                 self._on_upstream_result, ex)

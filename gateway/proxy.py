@@ -61,7 +61,7 @@ class Exchange:
     started: float
     session: str | None = None           # affinity key (X-Session-Id)
     strip_usage: bool = False            # we asked the engine for usage the client did not ask for
-    text: bool = False                   # completions: tokens arrive as "text", not "content"
+    token_field: str = "content"         # the JSON field of generated text in stream events (sse.TOKEN_FIELDS)
     extra_headers: Mapping[str, str] | None = None   # added to the client's response (rate limits)
     instance_id: str = ""
     usage: TokenUsage | None = None
@@ -215,7 +215,7 @@ class Forwarder:
         try:
             headers, sse = response_headers(upstream.headers, request_id, ex.extra_headers)
             length = upstream.content_length
-            tap = ex.tap = StreamTap(ex.started, strip_usage=ex.strip_usage, text=ex.text) if sse else None
+            tap = ex.tap = StreamTap(ex.started, strip_usage=ex.strip_usage, field=ex.token_field) if sse else None
             if length is not None and length <= 1 << 20:
                 try:
                     data = await upstream.read_all(stall)

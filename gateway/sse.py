@@ -24,17 +24,22 @@ import orjson
 
 _USAGE = b'"usage"'
 _SEP = b"\n\n"
-# Content-bearing events: chat deltas ("content", "reasoning_content") or completions ("text"),
+# Content-bearing events: chat deltas ("content", "reasoning_content"), completions ("text") or
+# responses ("delta" of response.output_text.delta events),
 # minus empty and null ones; compact JSON (vLLM, SGLang: pydantic) or spaced (Python's json.dumps),
 # decided once per stream.
 # (any, string, empty string): before the first token every event with the key counts unless
 # empty or null (3 scans); after it, string values minus empty ones (2 scans).
 _PATTERNS = {
-    (False, False): (b'content":', b'content":"', b'content":""'),
-    (False, True): (b'content":', b'content": "', b'content": ""'),
-    (True, False): (b'"text":', b'"text":"', b'"text":""'),
-    (True, True): (b'"text":', b'"text": "', b'"text": ""'),
+    ("content", False): (b'content":', b'content":"', b'content":""'),
+    ("content", True): (b'content":', b'content": "', b'content": ""'),
+    ("text", False): (b'"text":', b'"text":"', b'"text":""'),
+    ("text", True): (b'"text":', b'"text": "', b'"text": ""'),
+    ("delta", False): (b'"delta":', b'"delta":"', b'"delta":""'),
+    ("delta", True): (b'"delta":', b'"delta": "', b'"delta": ""'),
 }
+#: The JSON field that carries generated text in a route's stream events (default "content").
+TOKEN_FIELDS = {"/v1/completions": "text", "/v1/responses": "delta"}
 MAX_CARRY = 1 << 20   # an "event" longer than this without a blank line is not SSE: stop scanning it
 
 
@@ -161,13 +166,15 @@ def _has_token(data: bytes, string_value: bytes) -> bool:
 class StreamTap:
     """Incremental scanner of an SSE response; see the module docstring."""
 
-    __slots__ = ("_carry", "_patterns", "_usage_event", "first_token_at", "gaps", "last_token_at", "started",
-                 "strip_usage", "stripped", "text", "token_events")
+    __slots__ = ("_carry", "_patterns", "_usage_event", "field", "first_token_at", "gaps", "last_token_at",
+                 "started", "strip_usage", "stripped", "token_events")
 
-    def __init__(self, started: float, *, strip_usage: bool = False, text: bool = False) -> None:
+    def __init__(self, started: float, *, strip_usage: bool = False, field: str = "content") -> None:
         self.started = started
         self.strip_usage = strip_usage
-        self.text = text                       # completions ("text") rather than chat ("content")
+        if (field, False) not in _PATTERNS:
+            raise ValueError(f"unknown token field {field!r}")
+        self.field = field  # chat: "content" (and reasoning_content), completions: "text", responses: "delta"
         self._patterns: tuple[bytes, bytes, bytes] | None = None
         self.stripped = False
         self.first_token_at: float | None = None
@@ -239,7 +246,7 @@ class StreamTap:
         patterns = self._patterns
         if patterns is None:
             spaced = data.find(b'": ', 0, end) >= 0
-            patterns = self._patterns = _PATTERNS[(self.text, spaced)]
+            patterns = self._patterns = _PATTERNS[(self.field, spaced)]
         return patterns
 
     def _count_content(self, data: bytes, end: int) -> int:

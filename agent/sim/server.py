@@ -1,9 +1,11 @@
 """The sim engine's HTTP server: vLLM's OpenAI routes, SSE framing and metric names.
 
 Routes: ``GET /v1/models``, ``POST /v1/chat/completions``, ``POST /v1/completions`` (streaming
-and not, ``stream_options.include_usage``), ``POST /v1/embeddings``, ``POST /tokenize``,
-``POST /detokenize``, ``GET /health``, ``GET /version``, ``GET /metrics``, and ``POST /sim/faults``
-to change fault injection at run time (tests use it to make a live instance misbehave).
+and not, ``stream_options.include_usage``), ``POST /v1/responses`` (streaming and not, events in
+vLLM's order), ``POST /v1/embeddings``, ``POST /v1/rerank`` (also ``/rerank``,
+``/v2/rerank``), ``POST /v1/score`` (also ``/score``), ``POST /tokenize``, ``POST /detokenize``,
+``GET /health``, ``GET /version``, ``GET /metrics``, and ``POST /sim/faults`` to change fault
+injection at run time (tests use it to make a live instance misbehave).
 
 Generation is simulated: after ``ttft_ms`` the first token is sent, then one token every
 ``1/tokens_per_s`` seconds. With ``max_tokens`` the answer is exactly that long and ends with
@@ -21,6 +23,7 @@ import os
 import random
 import time
 import uuid
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, fields, replace
 from typing import Any
 
@@ -28,7 +31,7 @@ from aiohttp import web
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
-from agent.sim.text import count_tokens, embedding, prompt_text, seed_for, token_stream
+from agent.sim.text import count_tokens, embedding, prompt_text, relevance, seed_for, token_stream
 
 MAX_MODEL_LEN = 8192
 CRASH_EXIT_CODE = 70
@@ -132,7 +135,10 @@ class SimEngine:
             web.get("/v1/models", self.models),
             web.post("/v1/chat/completions", self.chat),
             web.post("/v1/completions", self.completions),
+            web.post("/v1/responses", self.responses),
             web.post("/v1/embeddings", self.embeddings),
+            *(web.post(path, self.rerank) for path in ("/rerank", "/v1/rerank", "/v2/rerank")),
+            *(web.post(path, self.score) for path in ("/score", "/v1/score")),
             web.post("/tokenize", self.tokenize),
             web.post("/detokenize", self.detokenize),
             web.post("/sim/faults", self.set_faults),
@@ -163,7 +169,7 @@ class SimEngine:
             return ApiError(400, f"unknown fault fields {sorted(unknown)}; allowed: {sorted(allowed)}").response()
         types = {f.name: f.type for f in fields(SimConfig)}
         try:
-            updates = {k: int(v) if types[k] == "int" else float(v) for k, v in body.items()}
+            updates: dict[str, Any] = {k: int(v) if types[k] == "int" else float(v) for k, v in body.items()}
             replace(self.config, **updates).validate()  # check on a copy: a rejected update changes nothing
         except (TypeError, ValueError) as exc:
             return ApiError(400, f"bad fault update: {exc}").response()
@@ -177,7 +183,7 @@ class SimEngine:
             messages = body.get("messages")
             if not isinstance(messages, list) or not messages:
                 raise ApiError(400, "'messages' must be a non-empty list", param="messages")
-            gen = self._generation(body, prompt_text(messages), "max_completion_tokens")
+            gen = self._generation(body, prompt_text(messages), ("max_tokens", "max_completion_tokens"))
         except ApiError as err:
             return err.response()
         return await self._generate(request, body, gen, chat=True)
@@ -188,7 +194,7 @@ class SimEngine:
             prompt = body.get("prompt")
             if prompt is None or prompt == "" or prompt == []:
                 raise ApiError(400, "'prompt' is required", param="prompt")
-            gen = self._generation(body, prompt_text(prompt), None)
+            gen = self._generation(body, prompt_text(prompt), ("max_tokens",))
         except ApiError as err:
             return err.response()
         return await self._generate(request, body, gen, chat=False)
@@ -208,8 +214,9 @@ class SimEngine:
         prompt_tokens = sum(count_tokens(t) for t in texts)
         async with self._slot():
             await asyncio.sleep(self.config.ttft_ms / 1000)
-        data = [{"object": "embedding", "index": i, "embedding": embedding(t, self.config.embedding_dim)}
-                for i, t in enumerate(texts)]
+        data: list[dict[str, Any]] = [
+            {"object": "embedding", "index": i, "embedding": embedding(t, self.config.embedding_dim)}
+            for i, t in enumerate(texts)]
         if body.get("encoding_format") == "base64":
             import base64
             import struct
@@ -223,6 +230,87 @@ class SimEngine:
             "model": self.config.model, "data": data,
             "usage": {"prompt_tokens": prompt_tokens, "total_tokens": prompt_tokens, "completion_tokens": 0},
         })
+
+    async def responses(self, request: web.Request) -> web.StreamResponse:
+        """``POST /v1/responses``: ``input`` (text or messages), ``instructions``, ``max_output_tokens``."""
+        try:
+            body = await self._admit(request)
+            raw = body.get("input")
+            if not raw or not isinstance(raw, (str, list)):
+                raise ApiError(400, "'input' must be a non-empty string or list of input items", param="input")
+            instructions = body.get("instructions")
+            if instructions is not None and not isinstance(instructions, str):
+                raise ApiError(400, "'instructions' must be a string", param="instructions")
+            # one output per request: the Responses API has no ``n``
+            gen = self._generation({k: v for k, v in body.items() if k != "n"},
+                                   prompt_text([instructions, raw]), ("max_output_tokens",))
+        except ApiError as err:
+            return err.response()
+        started = time.monotonic()
+        draft = ResponseDraft(f"resp_{uuid.uuid4().hex}", f"msg_{uuid.uuid4().hex}", int(time.time()),
+                              self.config.model, body, gen, token_stream(gen.seed, gen.completion_tokens))
+        async with self._slot():
+            self.metrics.prompt_tokens.inc(gen.prompt_tokens)
+            if not body.get("stream"):
+                await asyncio.sleep(self._duration(gen.completion_tokens))
+                self._finish(gen, started, started + self.config.ttft_ms / 1000)
+                return web.json_response(draft.response(done=True))
+            return await self._stream_response(request, draft, started)
+
+    async def rerank(self, request: web.Request) -> web.Response:
+        """``POST /v1/rerank`` (Jina/Cohere shape): documents by relevance to ``query``, best first."""
+        try:
+            body = await self._admit(request)
+            query = body.get("query")
+            if not isinstance(query, str) or not query:
+                raise ApiError(400, "'query' must be a non-empty string", param="query")
+            docs = [_document_text(d) for d in _non_empty_list(body.get("documents"), "documents")]
+            top_n = body.get("top_n")
+            if top_n is None:
+                top_n = 0
+            if not isinstance(top_n, int) or isinstance(top_n, bool) or top_n < 0:
+                raise ApiError(400, "'top_n' must be a non-negative integer", param="top_n")
+        except ApiError as err:
+            return err.response()
+        tokens = sum(count_tokens(query) + count_tokens(d) for d in docs)
+        await self._score_delay(tokens)
+        scored = sorted(((relevance(query, d, self.config.embedding_dim), i) for i, d in enumerate(docs)),
+                        key=lambda pair: (-pair[0], pair[1]))
+        results = [{"index": i, "document": {"text": docs[i]}, "relevance_score": score}
+                   for score, i in scored[:top_n or len(docs)]]
+        return web.json_response({"id": f"rerank-{uuid.uuid4().hex}", "model": self.config.model,
+                                  "usage": {"prompt_tokens": tokens, "total_tokens": tokens}, "results": results})
+
+    async def score(self, request: web.Request) -> web.Response:
+        """``POST /v1/score``: one score per (text_1, text_2) pair; a single text_1 is paired with every text_2."""
+        try:
+            body = await self._admit(request)
+            left = _texts(body.get("text_1"), "text_1")
+            right = _texts(body.get("text_2"), "text_2")
+            if len(left) == 1:
+                left = left * len(right)
+            if len(left) != len(right):
+                raise ApiError(400, f"'text_1' ({len(left)} items) and 'text_2' ({len(right)} items) must be "
+                                    "the same length unless text_1 is a single text", param="text_2")
+        except ApiError as err:
+            return err.response()
+        tokens = sum(count_tokens(a) + count_tokens(b) for a, b in zip(left, right, strict=True))
+        await self._score_delay(tokens)
+        data = [{"index": i, "object": "score", "score": relevance(a, b, self.config.embedding_dim)}
+                for i, (a, b) in enumerate(zip(left, right, strict=True))]
+        return web.json_response({
+            "id": f"score-{uuid.uuid4().hex}", "object": "list", "created": int(time.time()),
+            "model": self.config.model, "data": data,
+            "usage": {"prompt_tokens": tokens, "total_tokens": tokens, "completion_tokens": 0,
+                      "prompt_tokens_details": None},
+        })
+
+    async def _score_delay(self, prompt_tokens: int) -> None:
+        """A pooling request: one forward pass (``ttft_ms``) in a generation slot, counted in the metrics."""
+        async with self._slot():
+            await asyncio.sleep(self.config.ttft_ms / 1000)
+        self.metrics.prompt_tokens.inc(prompt_tokens)
+        self.metrics.success("stop")
 
     async def tokenize(self, request: web.Request) -> web.Response:
         try:
@@ -269,13 +357,13 @@ class SimEngine:
             await asyncio.Event().wait()  # until the client goes away and the handler is cancelled
         return body
 
-    def _generation(self, body: dict[str, Any], prompt: str, alt_max_key: str | None) -> Generation:
-        max_tokens = body.get("max_tokens")
-        if max_tokens is None and alt_max_key:
-            max_tokens = body.get(alt_max_key)
+    def _generation(self, body: dict[str, Any], prompt: str, max_keys: tuple[str, ...]) -> Generation:
+        """Parse length, ``n`` and ``stream``; the first of ``max_keys`` present caps the answer."""
+        max_key = next((k for k in max_keys if body.get(k) is not None), max_keys[0])
+        max_tokens = body.get(max_key)
         if max_tokens is not None and (not isinstance(max_tokens, int) or isinstance(max_tokens, bool)
                                        or max_tokens < 1):
-            raise ApiError(400, "'max_tokens' must be a positive integer", param="max_tokens")
+            raise ApiError(400, f"'{max_key}' must be a positive integer", param=max_key)
         n = body.get("n", 1)
         if not isinstance(n, int) or isinstance(n, bool) or not 1 <= n <= 16:
             raise ApiError(400, "'n' must be an integer between 1 and 16", param="n")
@@ -285,7 +373,7 @@ class SimEngine:
         prompt_tokens = count_tokens(prompt)
         if max_tokens is not None and prompt_tokens + max_tokens > MAX_MODEL_LEN:
             raise ApiError(400, f"This model's maximum context length is {MAX_MODEL_LEN} tokens. However, you "
-                                f"requested {prompt_tokens + max_tokens} tokens.", param="max_tokens")
+                                f"requested {prompt_tokens + max_tokens} tokens.", param=max_key)
         seed = seed_for(self.config.seed, prompt, body.get("seed"))
         if max_tokens is not None:
             return Generation(prompt_tokens, max_tokens, "length", n, seed)
@@ -313,6 +401,31 @@ class SimEngine:
                 return web.json_response(self._full_body(rid, created, chat, texts, gen, usage))
             return await self._stream(request, body, rid, created, chat, texts, gen, usage, started)
 
+    async def _token_steps(self, count: int) -> AsyncIterator[int]:
+        """Yield 0..count-1, each when that token is due (the first at once: TTFT is the caller's)."""
+        per_token = 1 / self.config.tokens_per_s if self.config.tokens_per_s else 0.0
+        for step in range(count):
+            if step and per_token:
+                await asyncio.sleep(per_token)
+            yield step
+
+    async def _stream_response(self, request: web.Request, draft: ResponseDraft,
+                               started: float) -> web.StreamResponse:
+        """The Responses API's SSE events (``event:`` + ``data:`` pairs), paced like chat tokens."""
+        resp = web.StreamResponse(headers={"Content-Type": "text/event-stream; charset=utf-8",
+                                           "Cache-Control": "no-cache"})
+        await resp.prepare(request)
+        events = ResponseEvents(draft)
+        await resp.write(events.opening())
+        await asyncio.sleep(self.config.ttft_ms / 1000)
+        first_token_at = time.monotonic()
+        async for step in self._token_steps(len(draft.tokens)):
+            await resp.write(events.delta(step))
+        await resp.write(events.closing())
+        await resp.write_eof()
+        self._finish(draft.gen, started, first_token_at)
+        return resp
+
     def _duration(self, tokens: int) -> float:
         per_token = 1 / self.config.tokens_per_s if self.config.tokens_per_s else 0.0
         return self.config.ttft_ms / 1000 + max(0, tokens - 1) * per_token
@@ -329,7 +442,7 @@ class SimEngine:
             choices: list[dict[str, Any]] = [
                 {"index": i, "message": {"role": "assistant", "content": "".join(t), "tool_calls": []},
                  "logprobs": None, "finish_reason": gen.finish_reason, "stop_reason": None}
-                for i, t in enumerate(texts)]
+            for i, t in enumerate(texts)]
         else:
             choices = [{"index": i, "text": "".join(t), "logprobs": None, "finish_reason": gen.finish_reason,
                         "stop_reason": None} for i, t in enumerate(texts)]
@@ -355,10 +468,7 @@ class SimEngine:
         if chat:
             await resp.write(b"".join(frame([{"index": i, "delta": {"role": "assistant", "content": ""},
                                                "logprobs": None, "finish_reason": None}]) for i in range(gen.n)))
-        per_token = 1 / self.config.tokens_per_s if self.config.tokens_per_s else 0.0
-        for step in range(gen.completion_tokens):
-            if step and per_token:
-                await asyncio.sleep(per_token)
+        async for step in self._token_steps(gen.completion_tokens):
             last = step == gen.completion_tokens - 1
             finish = gen.finish_reason if last and not chat else None
             chunks = []
@@ -380,6 +490,119 @@ class SimEngine:
         await resp.write_eof()
         self._finish(gen, started, first_token_at)
         return resp
+
+
+def _non_empty_list(value: object, param: str) -> list[Any]:
+    if not isinstance(value, list) or not value:
+        raise ApiError(400, f"'{param}' must be a non-empty list", param=param)
+    return value
+
+
+def _document_text(doc: object) -> str:
+    """A rerank document: a string or ``{"text": ...}`` (Cohere/Jina)."""
+    if isinstance(doc, str):
+        return doc
+    if isinstance(doc, dict) and isinstance(doc.get("text"), str):
+        return str(doc["text"])
+    raise ApiError(400, "each document must be a string or an object with a 'text' string", param="documents")
+
+
+def _texts(value: object, param: str) -> list[str]:
+    """``text_1``/``text_2`` of a score request: a string or a non-empty list of strings."""
+    if isinstance(value, str):
+        return [value]
+    items = _non_empty_list(value, param)
+    if not all(isinstance(t, str) for t in items):
+        raise ApiError(400, f"'{param}' must be a string or a list of strings", param=param)
+    return items
+
+
+@dataclass
+class ResponseDraft:
+    """One /v1/responses answer, its text decided up front; renders the ``response`` object."""
+
+    rid: str
+    item_id: str
+    created: int
+    model: str
+    request: dict[str, Any]
+    gen: Generation
+    tokens: list[str]
+
+    def text(self, upto: int | None = None) -> str:
+        return "".join(self.tokens[:upto])
+
+    def part(self, text: str) -> dict[str, Any]:
+        return {"type": "output_text", "text": text, "annotations": [], "logprobs": []}
+
+    def message(self, *, done: bool) -> dict[str, Any]:
+        return {"id": self.item_id, "type": "message", "role": "assistant",
+                "status": "completed" if done else "in_progress",
+                "content": [{**self.part(self.text()), "logprobs": None}] if done else []}
+
+    def response(self, *, done: bool) -> dict[str, Any]:
+        """The ``response`` object: in progress (no output, no usage) or final.
+
+        As vLLM: an answer cut by ``max_output_tokens`` is ``incomplete``, else ``completed``.
+        """
+        cut = self.gen.finish_reason == "length"
+        status = ("incomplete" if cut else "completed") if done else "in_progress"
+        usage = {"input_tokens": self.gen.prompt_tokens, "input_tokens_details": {"cached_tokens": 0},
+                 "output_tokens": self.gen.completion_tokens, "output_tokens_details": {"reasoning_tokens": 0},
+                 "total_tokens": self.gen.prompt_tokens + self.gen.completion_tokens}
+        req = self.request
+        return {
+            "id": self.rid, "object": "response", "created_at": self.created, "model": self.model,
+            "status": status, "incomplete_details": {"reason": "max_output_tokens"} if done and cut else None,
+            "error": None, "instructions": req.get("instructions"), "metadata": req.get("metadata"),
+            "output": [self.message(done=True)] if done else [], "parallel_tool_calls": True,
+            "temperature": req.get("temperature"), "top_p": req.get("top_p"), "tool_choice": "auto", "tools": [],
+            "max_output_tokens": req.get("max_output_tokens"), "previous_response_id": None, "reasoning": None,
+            "text": {"format": {"type": "text"}}, "truncation": "disabled", "background": False,
+            "service_tier": "auto", "user": req.get("user"), "usage": usage if done else None,
+        }
+
+
+class ResponseEvents:
+    """The Responses API's stream for one draft, as bytes, with increasing ``sequence_number``s.
+
+    created, in_progress | output_item.added, content_part.added, output_text.delta (one per token) |
+    output_text.done, content_part.done, output_item.done, completed
+    """
+
+    def __init__(self, draft: ResponseDraft) -> None:
+        self.draft = draft
+        self.sequence = 0
+
+    def _event(self, type_: str, **fields: Any) -> bytes:
+        payload = {"type": type_, "sequence_number": self.sequence, **fields}
+        self.sequence += 1
+        return f"event: {type_}\ndata: {json.dumps(payload)}\n\n".encode()
+
+    def _at(self) -> dict[str, Any]:
+        return {"item_id": self.draft.item_id, "output_index": 0, "content_index": 0}
+
+    def opening(self) -> bytes:
+        pending = self.draft.response(done=False)
+        return self._event("response.created", response=pending) + self._event("response.in_progress",
+                                                                               response=pending)
+
+    def delta(self, step: int) -> bytes:
+        out = b""
+        if step == 0:
+            out += self._event("response.output_item.added", output_index=0, item=self.draft.message(done=False))
+            out += self._event("response.content_part.added", **self._at(), part=self.draft.part(""))
+        return out + self._event("response.output_text.delta", **self._at(), delta=self.draft.tokens[step],
+                                 logprobs=[])
+
+    def closing(self) -> bytes:
+        text = self.draft.text()
+        return b"".join((
+            self._event("response.output_text.done", **self._at(), text=text, logprobs=[]),
+            self._event("response.content_part.done", **self._at(), part=self.draft.part(text)),
+            self._event("response.output_item.done", output_index=0, item=self.draft.message(done=True)),
+            self._event("response.completed", response=self.draft.response(done=True)),
+        ))
 
 
 class _Slot:

@@ -61,3 +61,13 @@ def embedding(text: str, dim: int) -> list[float]:
     vec = [rng.gauss(0.0, 1.0) for _ in range(dim)]
     norm = math.sqrt(sum(v * v for v in vec)) or 1.0
     return [v / norm for v in vec]
+
+
+def relevance(query: str, document: str, dim: int) -> float:
+    """A score in [0, 1] for a (query, document) pair: the cosine of their embeddings, mapped to [0, 1].
+
+    Identical texts score 1.0 (rounded to 6 places, so float noise does not show); the score is
+    symmetric and depends on nothing but the two texts.
+    """
+    cosine = math.fsum(a * b for a, b in zip(embedding(query, dim), embedding(document, dim), strict=True))
+    return round(min(1.0, max(0.0, (1.0 + cosine) / 2)), 6)

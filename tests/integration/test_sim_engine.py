@@ -542,3 +542,170 @@ def test_bad_flags_exit_2(start_sim: StartSim, flags: tuple[str, ...], field: st
     assert s.proc.wait(timeout=20) == 2
     assert field in s.log()
     assert not _health_ok(s.url)
+
+
+# -- /v1/responses, /v1/rerank, /v1/score -----------------------------------------------------------
+
+
+def sse_named_events(raw: bytes) -> list[tuple[str, dict[str, Any]]]:
+    """Split a Responses API stream into (event name, data) pairs, checking the two-line framing."""
+    assert raw.endswith(b"\n\n") and b"[DONE]" not in raw, raw[-60:]
+    out = []
+    for block in raw.decode().split("\n\n")[:-1]:
+        name_line, data_line = block.split("\n")
+        assert name_line.startswith("event: ") and data_line.startswith("data: "), block
+        out.append((name_line[len("event: "):], json.loads(data_line[len("data: "):])))
+    return out
+
+
+async def test_responses_non_streaming_shape_and_usage(client: AsyncOpenAI, sim: Sim,
+                                                       http: aiohttp.ClientSession) -> None:
+    resp = await client.responses.create(model=MODEL, input="tell me about pools", max_output_tokens=6)
+    assert resp.id.startswith("resp_") and resp.object == "response" and resp.model == MODEL
+    # as vLLM: cut by max_output_tokens → incomplete, with the reason
+    assert resp.status == "incomplete"
+    assert resp.incomplete_details is not None and resp.incomplete_details.reason == "max_output_tokens"
+    (item,) = resp.output
+    assert item.type == "message" and item.role == "assistant" and item.id.startswith("msg_")
+    (part,) = item.content
+    assert part.type == "output_text" and len(part.text.split()) == 6 and resp.output_text == part.text
+    assert resp.usage is not None
+    assert (resp.usage.input_tokens, resp.usage.output_tokens, resp.usage.total_tokens) == (4, 6, 10)
+    # messages + instructions count as the prompt; without a cap the answer stops by itself
+    body = {"model": MODEL, "instructions": "be brief", "input": [
+        {"role": "user", "content": "one two"}, {"role": "user", "content": [{"type": "input_text", "text": "three"}]}]}
+    async with http.post(sim.url + "/v1/responses", json=body) as r:
+        assert r.status == 200
+        raw = await r.json()
+    assert raw["status"] == "completed" and raw["incomplete_details"] is None
+    text = raw["output"][0]["content"][0]["text"]
+    assert raw["usage"]["input_tokens"] == 2 + 2 + 1
+    assert 1 <= raw["usage"]["output_tokens"] <= 64 and len(text.split()) == raw["usage"]["output_tokens"]
+
+
+async def test_responses_streaming_via_openai_matches_non_streaming(client: AsyncOpenAI) -> None:
+    kwargs: dict[str, Any] = {"model": MODEL, "input": "stream a response", "max_output_tokens": 5}
+    whole = await client.responses.create(**kwargs)
+    stream = await client.responses.create(**kwargs, stream=True)
+    events = [e async for e in stream]
+    assert [e.type for e in events] == [
+        "response.created", "response.in_progress", "response.output_item.added", "response.content_part.added",
+        *["response.output_text.delta"] * 5, "response.output_text.done", "response.content_part.done",
+        "response.output_item.done", "response.completed"]
+    assert [e.sequence_number for e in events] == list(range(len(events)))
+    deltas = "".join(e.delta for e in events if e.type == "response.output_text.delta")
+    assert deltas == whole.output_text
+    created, final = events[0], events[-1]
+    assert created.type == "response.created" and created.response.status == "in_progress"
+    assert created.response.usage is None and created.response.output == []
+    assert final.type == "response.completed" and final.response.output_text == whole.output_text
+    assert final.response.id == created.response.id != whole.id
+    assert final.response.usage is not None and final.response.usage.output_tokens == 5
+    item_ids = {getattr(e, "item_id", None) for e in events} - {None}
+    assert item_ids == {final.response.output[0].id}
+    # the SDK's stream helper accumulates the same text
+    async with client.responses.stream(**kwargs) as helper:
+        async for _ in helper:
+            pass
+        assert (await helper.get_final_response()).output_text == whole.output_text
+
+
+async def test_responses_stream_framing_and_ttft(sim: Sim, http: aiohttp.ClientSession) -> None:
+    body = {"model": MODEL, "input": "time the first token", "max_output_tokens": 3, "stream": True}
+    arrivals: dict[str, float] = {}
+    raw = b""
+    async with http.post(sim.url + "/v1/responses", json=body) as resp:
+        assert resp.status == 200 and resp.headers["Content-Type"].startswith("text/event-stream")
+        async for chunk in resp.content.iter_any():
+            raw += chunk
+            for name in (b"response.created", b"response.output_text.delta"):
+                if name in raw and name.decode() not in arrivals:
+                    arrivals[name.decode()] = time.monotonic()
+    events = sse_named_events(raw)
+    assert all(name == data["type"] for name, data in events)
+    assert arrivals["response.output_text.delta"] - arrivals["response.created"] >= TTFT_MS / 1000 * 0.9
+
+
+async def test_responses_errors(client: AsyncOpenAI, sim: Sim, http: aiohttp.ClientSession) -> None:
+    with pytest.raises(openai.NotFoundError):
+        await client.responses.create(model="nope", input="x")
+    for body, param in (({"model": MODEL}, "input"), ({"model": MODEL, "input": ""}, "input"),
+                        ({"model": MODEL, "input": "x", "max_output_tokens": 0}, "max_output_tokens"),
+                        ({"model": MODEL, "input": "x", "instructions": 3}, "instructions")):
+        async with http.post(sim.url + "/v1/responses", json=body) as resp:
+            assert resp.status == 400, body
+            assert_envelope(await resp.json(), 400, param)
+
+
+async def post_json(http: aiohttp.ClientSession, url: str, body: dict[str, Any]) -> tuple[int, dict[str, Any]]:
+    async with http.post(url, json=body) as resp:
+        return resp.status, await resp.json()
+
+
+async def test_rerank_orders_by_relevance_and_agrees_with_score(sim: Sim, http: aiohttp.ClientSession) -> None:
+    docs = ["gpus join the pool", "tell me about pools", {"text": "queues and planners"}, "tokens stream back"]
+    body = {"model": MODEL, "query": "tell me about pools", "documents": docs}
+    status, full = await post_json(http, sim.url + "/v1/rerank", body)
+    assert status == 200 and full["model"] == MODEL
+    results = full["results"]
+    assert sorted(r["index"] for r in results) == [0, 1, 2, 3]
+    scores = [r["relevance_score"] for r in results]
+    assert scores == sorted(scores, reverse=True) and all(0 <= s <= 1 for s in scores)
+    assert results[0] == {"index": 1, "document": {"text": "tell me about pools"}, "relevance_score": 1.0}
+    assert {r["index"]: r["document"]["text"] for r in results}[2] == "queues and planners"
+    words = [len(d.split()) if isinstance(d, str) else 3 for d in docs]
+    assert full["usage"] == {"prompt_tokens": 4 * 4 + sum(words), "total_tokens": 4 * 4 + sum(words)}
+    # top_n keeps the best n; the same request gives the same scores (another path, same engine)
+    status, top = await post_json(http, sim.url + "/rerank", {**body, "top_n": 2})
+    assert status == 200 and top["results"] == results[:2]
+    # /v1/score of the same pairs gives the same numbers
+    texts = [d if isinstance(d, str) else d["text"] for d in docs]
+    status, scored = await post_json(http, sim.url + "/v1/score",
+                                     {"model": MODEL, "text_1": body["query"], "text_2": texts})
+    assert status == 200
+    assert {d["index"]: d["score"] for d in scored["data"]} == {r["index"]: r["relevance_score"] for r in results}
+
+
+async def test_score_pairs_broadcast_and_symmetry(sim: Sim, http: aiohttp.ClientSession) -> None:
+    status, pairwise = await post_json(http, sim.url + "/v1/score",
+                                       {"model": MODEL, "text_1": ["a b", "c"], "text_2": ["c", "a b"]})
+    assert status == 200 and pairwise["object"] == "list" and pairwise["model"] == MODEL
+    assert [(d["index"], d["object"]) for d in pairwise["data"]] == [(0, "score"), (1, "score")]
+    assert pairwise["data"][0]["score"] == pairwise["data"][1]["score"]  # score(x, y) == score(y, x)
+    assert pairwise["usage"]["prompt_tokens"] == 6 and pairwise["usage"]["completion_tokens"] == 0
+    status, single = await post_json(http, sim.url + "/score", {"model": MODEL, "text_1": "c", "text_2": "c"})
+    assert status == 200 and [d["score"] for d in single["data"]] == [1.0]
+    before = await scrape(http, sim.url)
+    status, err = await post_json(http, sim.url + "/v1/score",
+                                  {"model": MODEL, "text_1": ["a", "b"], "text_2": ["a", "b", "c"]})
+    assert status == 400
+    assert_envelope(err, 400, "text_2")
+    assert (await scrape(http, sim.url))["vllm:prompt_tokens_total"] == before["vllm:prompt_tokens_total"]
+
+
+@pytest.mark.parametrize("path, body, param", [
+    ("/v1/rerank", {"query": "", "documents": ["a"]}, "query"),
+    ("/v1/rerank", {"query": "q", "documents": []}, "documents"),
+    ("/v1/rerank", {"query": "q", "documents": [3]}, "documents"),
+    ("/v1/rerank", {"query": "q", "documents": ["a"], "top_n": -1}, "top_n"),
+    ("/v1/score", {"text_1": "a"}, "text_2"),
+    ("/v1/score", {"text_1": [1], "text_2": "a"}, "text_1"),
+])
+async def test_rerank_and_score_bad_input_is_400(sim: Sim, http: aiohttp.ClientSession, path: str,
+                                                 body: dict[str, Any], param: str) -> None:
+    status, err = await post_json(http, sim.url + path, {"model": MODEL, **body})
+    assert status == 400
+    assert_envelope(err, 400, param)
+
+
+@pytest.mark.parametrize("path, body", [
+    ("/v1/responses", {"input": "x"}),
+    ("/v1/rerank", {"query": "q", "documents": ["a"]}),
+    ("/v1/score", {"text_1": "a", "text_2": "b"}),
+])
+async def test_new_routes_unknown_model_is_404(sim: Sim, http: aiohttp.ClientSession, path: str,
+                                               body: dict[str, Any]) -> None:
+    status, err = await post_json(http, sim.url + path, {"model": "nope", **body})
+    assert status == 404
+    assert_envelope(err, 404, "model")
+    assert err["error"]["type"] == "NotFoundError"

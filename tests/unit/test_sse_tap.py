@@ -112,7 +112,7 @@ def test_ttft_and_one_gap_per_content_event() -> None:
 
 def test_completions_text_events_count_as_tokens() -> None:
     frames = b"".join(b"data: " + orjson.dumps({"choices": [{"text": t}]}) + b"\n\n" for t in ["x", "y", ""])
-    tap = StreamTap(0.0, text=True)
+    tap = StreamTap(0.0, field="text")
     tap.feed(frames, 0.1)
     assert tap.token_events == 2
 
@@ -213,3 +213,21 @@ def test_a_body_read_at_once_gives_usage_and_first_token_but_no_gaps(strip: bool
     empty = StreamTap(1.0)
     empty.feed_all(chat_stream([], None, compact=compact)[0], 2.0)
     assert empty.ttft is None  # only the role and the final event: no token arrived
+
+
+def test_responses_stream_counts_output_text_deltas_and_finds_nested_usage() -> None:
+    def event(kind: str, **data: object) -> bytes:
+        payload = json.dumps({"type": kind, **data}, separators=(",", ":")).encode()
+        return b"event: " + kind.encode() + b"\ndata: " + payload + b"\n\n"
+
+    final = {"id": "resp_1", "object": "response", "status": "completed",
+             "usage": {"input_tokens": 4, "output_tokens": 3, "total_tokens": 7}}
+    events = [event("response.created", response={**final, "status": "in_progress", "usage": None})]
+    events += [event("response.output_text.delta", item_id="msg_1", delta=w) for w in ("a", " b", " c")]
+    events += [event("response.output_text.done", item_id="msg_1", text="a b c"),
+               event("response.completed", response=final)]
+    tap = StreamTap(0.0, field="delta")
+    for i, e in enumerate(events):
+        assert tap.feed(e, 0.1 * i) == e
+    assert tap.token_events == 3 and tap.ttft == pytest.approx(0.1)
+    assert tap.usage() == TokenUsage(4, 3)
