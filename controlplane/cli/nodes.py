@@ -148,6 +148,14 @@ def instances_cell(view: dict[str, Any]) -> str:
     return f"{len(insts)}: {','.join(models)}"
 
 
+def drain_progress(node_id: str, snapshot: NodesSnapshot) -> tuple[bool, int]:
+    """(drained, instances left): a serve agent is drained once its node record is gone, a pool
+    agent once it reports draining with no instance left on the node."""
+    left = sum(1 for i in snapshot.instances if i.node_id == node_id)
+    node = snapshot.nodes.get(node_id)
+    return (node is None or (node.draining and left == 0)), left
+
+
 def drain_control(node_id: str, reason: str, requested_by: str, now: float) -> NodeControl:
     """The record `ctl nodes drain` writes."""
     return NodeControl(node_id=node_id, drain=True, reason=reason, requested_unix_ms=int(now * 1000),
@@ -326,12 +334,16 @@ def show(
                     title=f"Instances ({len(v['instances'])})")
 
 
-@nodes_app.command(epilog="Example:  ctl nodes drain gpu017-job4242 --reason 'GPU 3 ECC errors'")
+@nodes_app.command(epilog="Example:  ctl nodes drain gpu017-job4242 --reason 'GPU 3 ECC errors' --wait")
 def drain(
     node: NodeArg,
     reason: Annotated[str, typer.Option("--reason", help="Why; shown in `ctl nodes show` and the agent's log.")] = "",
     force: Annotated[bool, typer.Option("--force", help="Write the request even if the node is not registered "
                                         "(it drains as soon as it registers).")] = False,
+    wait: Annotated[bool, typer.Option("--wait", help="Return only when the node has drained (no instance left; "
+                                       "a serve agent has exited).")] = False,
+    timeout: Annotated[float, typer.Option("--timeout", min=1, help="With --wait: give up after this many "
+                                           "seconds (exit 255; the drain goes on).")] = 900.0,
     etcd: EtcdOpt = None,
     etcd_prefix: PrefixOpt = None,
     etcd_cacert: CaOpt = None,
@@ -361,6 +373,30 @@ def drain(
     else:
         print(f"node {node} is not registered; it will drain as soon as it registers "
               f"(`ctl nodes undrain {node}` cancels)")
+    if wait and registered:
+        _wait_drained(config, node, timeout, quiet=output is OutputFormat.json)
+
+
+def _wait_drained(config: EtcdConfig, node: str, timeout: float, *, quiet: bool) -> None:
+    """Poll until ``node`` has drained, with a spinner showing the instances left."""
+    from rich.console import Console
+    from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+
+    deadline = time.monotonic() + timeout
+    with Progress(SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn(),
+                  console=Console(stderr=True), transient=True, disable=quiet) as progress:
+        task = progress.add_task(f"draining {node}")
+        while True:
+            done, left = drain_progress(node, run_async(lambda: read_nodes(config)))
+            if done:
+                break
+            if time.monotonic() > deadline:
+                fail(f"node {node} still has {left} instance(s) after {timeout:g} s; the drain goes on "
+                     f"(`ctl nodes show {node}`)", ExitCode.ERROR)
+            progress.update(task, description=f"draining {node}: {left} instance(s) left")
+            time.sleep(0.5)
+    if not quiet:
+        print(f"node {node} drained")
 
 
 @nodes_app.command(epilog="Example:  ctl nodes undrain gpu017-job4242")

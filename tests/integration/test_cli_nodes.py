@@ -17,7 +17,7 @@ from typer.testing import CliRunner, Result
 import controlplane.cli.nodes  # noqa: F401  (registers `ctl nodes`)
 from controlplane.cli.common import ExitCode
 from controlplane.cli.main import app
-from controlplane.cli.nodes import drain_state, ends_in, gpu_summary
+from controlplane.cli.nodes import NodesSnapshot, drain_progress, drain_state, ends_in, gpu_summary
 from controlplane.etcdproc import EtcdProcess
 from controlplane.keys import Keys, decode
 from controlplane.pb import Assignment, Gpu, InstanceRecord, InstanceState, ModelSpec, NodeControl, NodeRecord, SlurmJob
@@ -55,6 +55,16 @@ async def ready(store: EtcdStore, timeout: float = 20.0) -> InstanceRecord:
 
 
 # -- pure helpers -----------------------------------------------------------------------------------
+
+
+def test_drain_progress() -> None:
+    inst = InstanceRecord(instance_id="i1", model="m", node_id="n1")
+    up, draining = NodeRecord(node_id="n1"), NodeRecord(node_id="n1", draining=True)
+    assert drain_progress("n1", NodesSnapshot(1, {"n1": up}, [inst], {})) == (False, 1)
+    assert drain_progress("n1", NodesSnapshot(1, {"n1": draining}, [inst], {})) == (False, 1)
+    assert drain_progress("n1", NodesSnapshot(1, {"n1": up}, [], {})) == (False, 0)  # not acknowledged yet
+    assert drain_progress("n1", NodesSnapshot(1, {"n1": draining}, [], {})) == (True, 0)
+    assert drain_progress("n1", NodesSnapshot(1, {}, [], {})) == (True, 0)  # a serve agent that exited
 
 
 def test_ends_in_and_summaries() -> None:
@@ -146,8 +156,9 @@ async def test_drain_pool_node_stops_assignments_and_undrain_resumes(etcd_config
         assert view["mode"] == "pool" and view["gpus"] == "2xSIM-24GB" and view["free_gpus"] == 1
         assert [i["state"] for i in view["instances"]] == ["READY"]
 
-        res = await ctl(etcd_config, "nodes", "drain", "p1", "--reason", "maintenance")
-        assert res.exit_code == 0, res.output
+        res = await ctl(etcd_config, "nodes", "drain", "p1", "--reason", "maintenance", "--wait", "--timeout", "30")
+        assert res.exit_code == 0 and "node p1 drained" in res.stdout, res.output
+        assert not await instances(store)  # --wait returned only once the assignment had stopped
 
         async def drained() -> bool:
             rec = await node(store, "p1")
@@ -177,10 +188,12 @@ async def test_drain_serve_agent_removes_instance_and_agent_exits_0(etcd_config:
         row = next(line for line in res.stdout.splitlines() if line.lstrip().startswith("s1"))
         assert "serve" in row and "1xSIM-24GB" in row and "1: sm" in row, row
 
-        res = await ctl(etcd_config, "nodes", "drain", "s1", "--reason", "rebalance", "-o", "json")
+        res = await ctl(etcd_config, "nodes", "drain", "s1", "--reason", "rebalance", "-o", "json",
+                        "--wait", "--timeout", "30")
         assert res.exit_code == 0 and json.loads(res.stdout)["registered"] is True
-        assert await asyncio.to_thread(proc.wait, 20) == 0
+        # --wait returned: the records are gone already, and the agent exits 0
         assert await instances(store) == [] and await node(store, "s1") is None
+        assert await asyncio.to_thread(proc.wait, 20) == 0
         assert "ctl nodes drain: rebalance" in log.read_text()
         # the request stays (a restarted agent with this id would drain again) until undrained
         assert (await list_json(etcd_config))["s1"]["registered"] is False
