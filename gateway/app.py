@@ -42,6 +42,7 @@ from gateway.sse import TOKEN_FIELDS, with_usage_requested
 from gateway.table import Endpoint, RoutingTable
 from gateway.upstream import UpstreamPool
 from gateway.usage import DemandMeter, UsageBook
+from gateway.worker_metrics import WorkerMetrics
 
 log = structlog.get_logger(__name__)
 
@@ -74,6 +75,8 @@ class GatewayConfig:
     address: str = ""                    # host:port clients reach this gateway at (GatewayRecord)
     fleet: FleetSettings = field(default_factory=FleetSettings)
     demand_window_s: int = 60
+    worker_metrics_dir: str = ""          # with --workers N: where workers publish their metrics ports
+    worker_slot: int = 0
 
 
 class Gateway:
@@ -94,6 +97,7 @@ class Gateway:
         self.table_updated_at = 0.0
         self.forwarder: Forwarder | None = None
         self.fleet: FleetMember | None = None
+        self.worker_metrics: WorkerMetrics | None = None
         self.started = time.time()
 
     # -- lifecycle ---------------------------------------------------------------------------
@@ -113,9 +117,15 @@ class Gateway:
         self.fleet = FleetMember(store, self.keys, self.config.gateway_id, self.config.address, self.config.fleet,
                                  self.usage, self.demand, self.limiter.set_fleet_size)
         await self.fleet.start()
+        if self.config.worker_metrics_dir:
+            self.worker_metrics = WorkerMetrics(self.config.worker_metrics_dir, self.config.worker_slot,
+                                                lambda: self.metrics.render()[0])
+            await self.worker_metrics.start()
         try:
             yield
         finally:
+            if self.worker_metrics is not None:
+                await self.worker_metrics.stop()
             for t in tasks:
                 t.cancel()
             for t in tasks:
@@ -301,6 +311,8 @@ class Gateway:
     async def prometheus(self, _: web.Request) -> web.Response:
         """GET /metrics in the Prometheus text format."""
         body, content_type = self.metrics.render()
+        if self.worker_metrics is not None:  # --workers N: every worker's series, labelled worker="i"
+            body = await self.worker_metrics.render()
         return web.Response(body=body, headers={"Content-Type": content_type})
 
 

@@ -15,8 +15,9 @@
 Workers run in their own process group so that a signal sent to the parent's group (Ctrl-C,
 ``kill -- -PGID``) reaches them once, through the parent; they die with the parent
 (PR_SET_PDEATHSIG) if it is killed outright. Each worker has its own ``gateway_id``, routing
-table, etcd watch and in-flight counts: least-loaded picking is per worker, and ``/metrics``
-answers for the one worker that accepted the scrape.
+table, etcd watch and in-flight counts: least-loaded picking is per worker. ``/metrics`` merges
+every worker's series with a ``worker`` label (``gateway/worker_metrics.py``), whichever worker
+accepts the scrape.
 
 With one worker there is no parent: the process serves the port itself, as before.
 """
@@ -30,8 +31,10 @@ import dataclasses
 import multiprocessing
 import multiprocessing.connection
 import os
+import shutil
 import signal
 import socket
+import tempfile
 import time
 from dataclasses import dataclass
 from multiprocessing.process import BaseProcess
@@ -170,10 +173,12 @@ class Supervisor:
         self._anchor: socket.socket | None = None
         self._wake_r = self._wake_w = -1
         self._stopping_since: float | None = None
+        self._metrics_dir = ""
 
     def run(self) -> int:
         """Supervise until every worker has exited after a stop signal; returns 0."""
         self._anchor = bind_socket(self.host, self.port, reuse_port=True, listen=False)
+        self._metrics_dir = tempfile.mkdtemp(prefix="modelpool-gateway-metrics-")
         self.port = int(self._anchor.getsockname()[1])  # --port 0: every worker shares the port picked here
         self._install_signal_wakeup()
         log.info("gateway listening", host=self.host, port=self.port, auth=self.config.auth,
@@ -189,6 +194,7 @@ class Supervisor:
                 with contextlib.suppress(OSError):
                     os.close(fd)
             self._anchor.close()
+            shutil.rmtree(self._metrics_dir, ignore_errors=True)
         log.info("gateway stopped", gateway_id=self.config.gateway_id)
         return 0
 
@@ -270,7 +276,8 @@ class Supervisor:
             log.error("cannot open a listening socket for a worker", worker=slot.index, error=str(exc))
             return
         cfg = dataclasses.replace(self.config,
-                                  gateway_id=worker_gateway_id(self.config.gateway_id, slot.index, slot.generation))
+                                  gateway_id=worker_gateway_id(self.config.gateway_id, slot.index, slot.generation),
+                                  worker_metrics_dir=self._metrics_dir, worker_slot=slot.index)
         assert self._anchor is not None  # bound in run() before any worker starts
         close_in_child = (self._anchor.fileno(), self._wake_r, self._wake_w)
         proc = self._ctx.Process(target=_worker_main, name=f"gateway-worker-{slot.index}", daemon=True,

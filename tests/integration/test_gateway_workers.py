@@ -19,6 +19,7 @@ from pathlib import Path
 import aiohttp
 import orjson
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from controlplane.etcdproc import EtcdProcess
 from controlplane.keys import Keys
@@ -154,6 +155,14 @@ async def test_workers_share_the_port_and_are_restarted(etcd_server, pool, http,
         await eventually(lambda: all_workers_route(http, url), what="every worker routes")
         results = await asyncio.gather(*(completes(http, url) for _ in range(40)))
         assert all(results)
+        # One scrape, whichever worker takes it, shows every worker's series, labelled worker="i".
+        for _ in range(4):
+            async with aiohttp.ClientSession() as fresh, fresh.get(f"{url}/metrics") as r:  # a new connection each
+                served = {s.labels["worker"]: s.value
+                          for f in text_string_to_metric_families(await r.text())
+                          for s in f.samples if s.name == "modelpool_gateway_requests_total"
+                          and s.labels["model"] == "wk" and s.labels["status"] == "200"}
+            assert set(served) == {"0", "1"} and sum(served.values()) == 40, served
 
         victim = min(workers)
         os.kill(victim, signal.SIGKILL)
