@@ -136,3 +136,52 @@ async def test_plan_apply_starts_engines_routes_both_models_then_stops_a_removed
     for node in ("pool-a", "pool-b"):
         log = (tmp_path / f"agent-{node}.log").read_text()
         assert "Traceback" not in log, log[-3000:]
+
+
+async def test_planner_daemon_converges_within_its_churn_cap_and_gives_up_leadership_on_sigterm(
+    etcd_server: EtcdProcess, etcd_prefix: str, tmp_path: Path
+) -> None:
+    ep, prefix = etcd_server.endpoint, etcd_prefix
+    keys = Keys(prefix)
+    agent = spawn([*CTL, "agent", "--etcd", ep, "--etcd-prefix", prefix, "--pool", "--engine", "sim",
+                   "--gpus", "2xA100-80GB", "--node-id", "pool-d", "--drain-grace", "5", "--sim-option", "ttft_ms=5",
+                   "--log-dir", str(tmp_path / "engines")], tmp_path / "agent.log")
+    daemon = None
+    store = await EtcdStore(EtcdConfig(endpoints=(ep,), prefix=prefix, timeout_s=3.0)).connect()
+    try:
+        await eventually(lambda: store.get(keys.node("pool-d")), timeout=20, what="pool agent registered")
+        code, _, err = await ctl(ep, prefix, "models", "apply", "-f",
+                                 str(catalog(tmp_path / "c.yaml", ["daemon-a", "daemon-b"])))
+        assert code == 0, err
+        daemon = spawn([*CTL, "planner", "run", "--etcd", ep, "--etcd-prefix", prefix, "--cluster", str(CLUSTER_FILE),
+                        "--interval", "1", "--max-churn", "1", "--lease-ttl", "5", "--id", "daemon-under-test"],
+                       tmp_path / "planner.log")
+
+        async def assignments() -> list[Assignment]:
+            kvs, _ = await store.list_prefix(keys.desired)
+            return [decode(Assignment, kv) for kv in kvs]
+
+        seen: list[int] = []
+
+        async def converged() -> bool:
+            current = await assignments()
+            if not seen or seen[-1] != len(current):
+                seen.append(len(current))
+            kvs, _ = await store.list_prefix(keys.instances)
+            ready = {decode(InstanceRecord, kv).model for kv in kvs
+                     if decode(InstanceRecord, kv).state == InstanceState.READY}
+            return ready == {"daemon-a", "daemon-b"}
+        await eventually(converged, timeout=40, interval=0.1, what="daemon placed both models")
+        assert 1 in seen, f"a churn cap of 1 adds one assignment per round, saw counts {seen}"
+        leader = await store.get(keys.planner_leader)
+        assert leader is not None and leader.value.decode().startswith("daemon-under-test")
+
+        daemon.terminate()
+        assert await asyncio.to_thread(daemon.wait, 15) == 0
+        assert await store.get(keys.planner_leader) is None  # the lease was revoked: leadership free at once
+        assert len(await assignments()) == 2  # stopping the planner leaves the pool as it is
+    finally:
+        await store.close()
+        stop_all([p for p in (daemon, agent) if p is not None])
+    log = (tmp_path / "planner.log").read_text()
+    assert "Traceback" not in log, log[-3000:]
