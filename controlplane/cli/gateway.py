@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import ipaddress
 from typing import Annotated
 
@@ -67,6 +68,10 @@ def gateway(
                                                "demand rates average over.")] = 60,
     usage_flush: Annotated[float, typer.Option("--usage-flush", min=0.5, help="Seconds between usage writes "
                                                "to etcd.")] = 5.0,
+    gateway_id: Annotated[str | None, typer.Option("--id", help="This gateway's id in etcd, unique among running "
+                                                   "gateways (default: random per start). A fixed id lets a restarted "
+                                                   "gateway continue its usage records instead of starting new ones; "
+                                                   "workers get <id>-w<N>.")] = None,
     etcd: EtcdOpt = None, etcd_prefix: PrefixOpt = None, etcd_cacert: CaOpt = None, etcd_cert: CertOpt = None,
     etcd_key: KeyOpt = None, etcd_user: UserOpt = None,
 ) -> None:
@@ -85,6 +90,10 @@ def gateway(
                         address=advertise or f"{host}:{port}", demand_window_s=demand_window,
                         fleet=FleetSettings(lease_ttl_s=lease_ttl, demand_interval_s=demand_interval,
                                             usage_flush_s=usage_flush))
+    if gateway_id is not None:
+        if not gateway_id.strip() or "/" in gateway_id:
+            fail(f"--id must be non-empty and contain no '/': {gateway_id!r}", ExitCode.USAGE)
+        cfg = dataclasses.replace(cfg, gateway_id=gateway_id.strip())
     try:
         code = run_gateway(cfg, host, port, workers=workers, shutdown_timeout=30)
     except BindError as exc:

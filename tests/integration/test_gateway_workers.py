@@ -228,3 +228,17 @@ def test_exits_unavailable_when_the_port_is_taken(etcd_server, tmp_path) -> None
     assert code == 5, log.read_text()
     assert "cannot listen" in log.read_text()
     assert time.monotonic() - started < 30
+
+
+async def test_a_fixed_id_names_each_worker_in_the_fleet(etcd_server, pool, tmp_path) -> None:
+    proc, _ = start_gateway(etcd_server.endpoint, pool, tmp_path, "--no-auth", "--workers", "2", "--id", "edge-1")
+    store = await EtcdStore(EtcdConfig(endpoints=(etcd_server.endpoint,), prefix=pool)).connect()
+    try:
+        async def fleet() -> set[str] | None:
+            kvs, _ = await store.list_prefix(Keys(pool).gateways)
+            ids = {kv.key.rsplit("/", 1)[-1] for kv in kvs}
+            return ids if ids == {"edge-1-w0", "edge-1-w1"} else None
+        await eventually(fleet, timeout=15, what="both workers registered under the fixed id")
+    finally:
+        await store.close()
+        stop_all([proc])
