@@ -21,8 +21,12 @@ In a class, the GPUs of a stopped replica form a bin of their own (reusable at i
 
 from __future__ import annotations
 
+import contextlib
 import math
+import os
+import sys
 from collections import defaultdict
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import pulp
@@ -262,6 +266,12 @@ class _WarmHiGHS(pulp.HiGHS):  # type: ignore[misc,name-defined]
         super().__init__(**kwargs)
         self._start = start
 
+    def createAndConfigureSolver(self, lp: pulp.LpProblem) -> None:  # PuLP hook name
+        # highspy >= 1.16 prints a banner from C on stdout when a Highs object is created, before
+        # PuLP can turn output off; `ctl plan -o json` must print JSON only.
+        with _c_stdout_to_stderr():
+            super().createAndConfigureSolver(lp)
+
     def callSolver(self, lp: pulp.LpProblem) -> None:  # PuLP hook name
         import highspy
 
@@ -272,6 +282,19 @@ class _WarmHiGHS(pulp.HiGHS):  # type: ignore[misc,name-defined]
         sol.col_value = values
         lp.solverModel.setSolution(sol)
         lp.solverModel.run()
+
+
+@contextlib.contextmanager
+def _c_stdout_to_stderr() -> Iterator[None]:
+    """Send what C code writes to file descriptor 1 to descriptor 2 for the duration."""
+    sys.stdout.flush()
+    saved = os.dup(1)
+    try:
+        os.dup2(2, 1)
+        yield
+    finally:
+        os.dup2(saved, 1)
+        os.close(saved)
 
 
 def _solver(time_limit_s: float, mip_gap: float, start: dict[pulp.LpVariable, float]) -> pulp.LpSolver:
