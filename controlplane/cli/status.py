@@ -1,4 +1,4 @@
-"""`ctl status`: what the pool looks like right now (nodes, instances, models)."""
+"""`ctl status`: what the pool looks like right now (nodes, instances, models, gateways)."""
 
 from __future__ import annotations
 
@@ -23,7 +23,7 @@ from controlplane.cli.common import (
 from controlplane.cli.main import app
 from controlplane.cli.output import age, print_json, print_table
 from controlplane.keys import Keys, RecordDecodeError, decode
-from controlplane.pb import InstanceRecord, InstanceState, ModelSpec, NodeRecord
+from controlplane.pb import Demand, GatewayRecord, InstanceRecord, InstanceState, ModelSpec, NodeRecord
 from controlplane.store import EtcdConfig
 
 
@@ -35,6 +35,8 @@ async def read_status(config: EtcdConfig) -> dict[str, Any]:
         node_kvs, rev = await store.list_prefix(keys.nodes)
         inst_kvs, _ = await store.list_prefix(keys.instances, revision=rev)
         model_kvs, _ = await store.list_prefix(keys.models, revision=rev)
+        gateway_kvs, _ = await store.list_prefix(keys.gateways, revision=rev)
+        demand_kvs, _ = await store.list_prefix(keys.demand, revision=rev)
     finally:
         await store.close()
     errors: list[str] = []
@@ -51,20 +53,30 @@ async def read_status(config: EtcdConfig) -> dict[str, Any]:
     nodes: list[NodeRecord] = parse(node_kvs, NodeRecord)
     instances: list[InstanceRecord] = parse(inst_kvs, InstanceRecord)
     specs: list[ModelSpec] = parse(model_kvs, ModelSpec)
+    gateways: list[GatewayRecord] = parse(gateway_kvs, GatewayRecord)
+    demand: list[Demand] = parse(demand_kvs, Demand)
     models: dict[str, dict[str, Any]] = {}
+
+    def model_row(name: str) -> dict[str, Any]:
+        return models.setdefault(name, {"model": name, "ready": 0, "instances": 0, "in_catalog": False,
+                                        "min_replicas": 0, "requests_per_second": 0.0, "in_flight": 0})
+
     for spec in specs:
-        models[spec.name] = {"model": spec.name, "ready": 0, "instances": 0, "in_catalog": True,
-                             "min_replicas": spec.min_replicas}
+        model_row(spec.name).update(in_catalog=True, min_replicas=spec.min_replicas)
     for inst in instances:
-        m = models.setdefault(inst.model, {"model": inst.model, "ready": 0, "instances": 0, "in_catalog": False,
-                                           "min_replicas": 0})
+        m = model_row(inst.model)
         m["instances"] += 1
         m["ready"] += inst.state == InstanceState.READY
+    for d in demand:  # summed over the gateways that publish it
+        m = model_row(d.model)
+        m["requests_per_second"] = round(m["requests_per_second"] + d.requests_per_second, 3)
+        m["in_flight"] += d.in_flight
     return {
         "revision": rev,
         "nodes": [_dict(n) for n in nodes],
         "instances": [_dict(i) for i in instances],
         "models": sorted(models.values(), key=lambda m: m["model"]),
+        "gateways": sorted((_dict(g) for g in gateways), key=lambda g: g["gateway_id"]),
         "errors": errors,
     }
 
@@ -86,7 +98,7 @@ def status(
     etcd_user: UserOpt = None,
     output: OutputOpt = OutputFormat.table,
 ) -> None:
-    """Show nodes, model instances (model, state, endpoint, node, age) and models."""
+    """Show nodes, model instances (model, state, endpoint, node, age), models (with demand) and gateways."""
     config = etcd_config(etcd, etcd_prefix, etcd_cacert, etcd_cert, etcd_key, etcd_user)
     data = run_async(lambda: read_status(config))
     if output is OutputFormat.json:
@@ -126,10 +138,17 @@ def status(
         title=f"Instances ({len(data['instances'])})",
     )
     print_table(
-        ["model", "ready", "instances", "min replicas", "catalog"],
-        [(m["model"], m["ready"], m["instances"], m["min_replicas"], "yes" if m["in_catalog"] else "no")
+        ["model", "ready", "instances", "min replicas", "catalog", "req/s", "in flight"],
+        [(m["model"], m["ready"], m["instances"], m["min_replicas"], "yes" if m["in_catalog"] else "no",
+          f"{m['requests_per_second']:g}", m["in_flight"])
          for m in data["models"]],
         title=f"Models ({len(data['models'])})",
+    )
+    print_table(
+        ["gateway", "address", "age"],
+        [(g["gateway_id"], g.get("address") or "-", age(int(g.get("started_unix_ms", 0)), now_ms))
+         for g in data["gateways"]],
+        title=f"Gateways ({len(data['gateways'])})",
     )
     for err in data["errors"]:
         print(f"warning: {err}")

@@ -105,11 +105,13 @@ def test_ctl_dev_serves_streams_reports_and_stops_cleanly(tmp_path: Path) -> Non
         ready = sorted(i["model"] for i in data["instances"] if i["state"] == "READY")
         assert ready == ["demo-chat", "demo-code"]
         assert len(data["nodes"]) == 2
+        assert len(data["gateways"]) == 1 and data["gateways"][0]["address"].endswith(f":{gw_port}")
+        assert {m["model"] for m in data["models"]} == {"demo-chat", "demo-code"}
         table = subprocess.run(
             [sys.executable, "-m", "controlplane.cli.main", "status", "--etcd", f"127.0.0.1:{etcd_port}"],
             capture_output=True, text=True, timeout=30,
         )
-        assert "demo-chat" in table.stdout and "READY" in table.stdout
+        assert "demo-chat" in table.stdout and "READY" in table.stdout and "Gateways (1)" in table.stdout
 
         tree = _descendants(proc.pid)
         assert len(tree) >= 5  # etcd, gateway, 2 agents, 2 engines (and possibly gateway workers)
