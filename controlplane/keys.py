@@ -18,6 +18,7 @@ as one key segment so prefixes stay unambiguous.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import TypeVar
 from urllib.parse import quote, unquote
@@ -139,3 +140,14 @@ def decode(message_type: type[M], kv: KeyValue) -> M:
     except DecodeError as exc:
         raise RecordDecodeError(f"{kv.key}: not a valid {message_type.__name__}: {exc}") from exc
     return msg
+
+
+def decode_all(message_type: type[M], kvs: Iterable[KeyValue], warnings: list[str]) -> list[tuple[KeyValue, M]]:
+    """Every record of ``kvs`` that decodes, with its key-value; one warning per record that does not."""
+    out: list[tuple[KeyValue, M]] = []
+    for kv in kvs:
+        try:
+            out.append((kv, decode(message_type, kv)))
+        except RecordDecodeError as exc:
+            warnings.append(str(exc))
+    return out

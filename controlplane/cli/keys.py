@@ -36,7 +36,7 @@ from controlplane.cli.common import (
 )
 from controlplane.cli.main import app
 from controlplane.cli.output import print_json, print_table
-from controlplane.keys import Keys, RecordDecodeError, decode
+from controlplane.keys import Keys, decode_all
 from controlplane.pb import ApiKey
 from controlplane.store import Cmp, EtcdConfig, KeyValue, Op
 from gateway.auth import key_hash, new_api_key
@@ -200,13 +200,8 @@ async def read_keys(config: EtcdConfig) -> tuple[list[StoredKey], list[str]]:
         kvs, _ = await store.list_prefix(keys.api_keys)
     finally:
         await store.close()
-    out: list[StoredKey] = []
     warnings: list[str] = []
-    for kv in kvs:
-        try:
-            out.append(StoredKey(kv.key.rsplit("/", 1)[-1], decode(ApiKey, kv), kv))
-        except RecordDecodeError as exc:
-            warnings.append(str(exc))
+    out = [StoredKey(kv.key.rsplit("/", 1)[-1], key, kv) for kv, key in decode_all(ApiKey, kvs, warnings)]
     return out, warnings
 
 

@@ -39,9 +39,9 @@ from controlplane.cli.common import (
 )
 from controlplane.cli.main import app
 from controlplane.cli.output import age, print_json, print_table
-from controlplane.keys import Keys, RecordDecodeError, decode, decode_segment
+from controlplane.keys import Keys, RecordDecodeError, decode, decode_all, decode_segment
 from controlplane.pb import InstanceRecord, InstanceState, NodeControl, NodeRecord
-from controlplane.store import Cmp, EtcdConfig, KeyValue, Op
+from controlplane.store import Cmp, EtcdConfig, Op
 
 nodes_app = typer.Typer(
     help="List the pool's nodes (agents) and drain or undrain one.",
@@ -193,20 +193,10 @@ async def read_nodes(config: EtcdConfig) -> NodesSnapshot:
     finally:
         await store.close()
     warnings: list[str] = []
-    nodes = {decode_segment(kv.key.rsplit("/", 1)[-1]): n for kv, n in _parse(node_kvs, NodeRecord, warnings)}
-    instances = [i for _, i in _parse(inst_kvs, InstanceRecord, warnings)]
-    controls = {decode_segment(kv.key.rsplit("/", 1)[-1]): c for kv, c in _parse(ctl_kvs, NodeControl, warnings)}
+    nodes = {decode_segment(kv.key.rsplit("/", 1)[-1]): n for kv, n in decode_all(NodeRecord, node_kvs, warnings)}
+    instances = [i for _, i in decode_all(InstanceRecord, inst_kvs, warnings)]
+    controls = {decode_segment(kv.key.rsplit("/", 1)[-1]): c for kv, c in decode_all(NodeControl, ctl_kvs, warnings)}
     return NodesSnapshot(rev, nodes, instances, controls, warnings)
-
-
-def _parse(kvs: list[KeyValue], msg: type[Any], warnings: list[str]) -> list[tuple[KeyValue, Any]]:
-    out = []
-    for kv in kvs:
-        try:
-            out.append((kv, decode(msg, kv)))
-        except RecordDecodeError as exc:
-            warnings.append(str(exc))
-    return out
 
 
 async def request_drain(config: EtcdConfig, control: NodeControl, *, force: bool) -> bool:

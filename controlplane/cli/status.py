@@ -22,7 +22,7 @@ from controlplane.cli.common import (
 )
 from controlplane.cli.main import app
 from controlplane.cli.output import age, print_json, print_table
-from controlplane.keys import Keys, RecordDecodeError, decode
+from controlplane.keys import Keys, decode_all
 from controlplane.pb import Demand, GatewayRecord, InstanceRecord, InstanceState, ModelSpec, NodeRecord
 from controlplane.store import EtcdConfig
 
@@ -40,21 +40,11 @@ async def read_status(config: EtcdConfig) -> dict[str, Any]:
     finally:
         await store.close()
     errors: list[str] = []
-
-    def parse(kvs: list[Any], msg: type[Any]) -> list[Any]:
-        out = []
-        for kv in kvs:
-            try:
-                out.append(decode(msg, kv))
-            except RecordDecodeError as exc:
-                errors.append(str(exc))
-        return out
-
-    nodes: list[NodeRecord] = parse(node_kvs, NodeRecord)
-    instances: list[InstanceRecord] = parse(inst_kvs, InstanceRecord)
-    specs: list[ModelSpec] = parse(model_kvs, ModelSpec)
-    gateways: list[GatewayRecord] = parse(gateway_kvs, GatewayRecord)
-    demand: list[Demand] = parse(demand_kvs, Demand)
+    nodes = [n for _, n in decode_all(NodeRecord, node_kvs, errors)]
+    instances = [i for _, i in decode_all(InstanceRecord, inst_kvs, errors)]
+    specs = [m for _, m in decode_all(ModelSpec, model_kvs, errors)]
+    gateways = [g for _, g in decode_all(GatewayRecord, gateway_kvs, errors)]
+    demand = [d for _, d in decode_all(Demand, demand_kvs, errors)]
     models: dict[str, dict[str, Any]] = {}
 
     def model_row(name: str) -> dict[str, Any]:

@@ -32,7 +32,7 @@ from controlplane.cli.common import (
 )
 from controlplane.cli.main import app
 from controlplane.cli.output import print_json, print_table
-from controlplane.keys import Keys, RecordDecodeError, decode
+from controlplane.keys import Keys, decode_all
 from controlplane.pb import ApiKey, Usage
 from controlplane.store import EtcdConfig
 
@@ -93,20 +93,8 @@ async def read_usage(config: EtcdConfig) -> tuple[list[Usage], dict[str, str], l
     finally:
         await store.close()
     warnings: list[str] = []
-    records: list[Usage] = []
-    for kv in usage_kvs:
-        try:
-            records.append(decode(Usage, kv))
-        except RecordDecodeError as exc:
-            warnings.append(str(exc))
-    owners: dict[str, str] = {}
-    for kv in key_kvs:
-        try:
-            rec = decode(ApiKey, kv)
-        except RecordDecodeError as exc:
-            warnings.append(str(exc))
-            continue
-        owners[rec.key_id] = rec.owner
+    records = [u for _, u in decode_all(Usage, usage_kvs, warnings)]
+    owners = {rec.key_id: rec.owner for _, rec in decode_all(ApiKey, key_kvs, warnings)}
     return records, owners, warnings
 
 
