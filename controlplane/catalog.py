@@ -35,9 +35,15 @@ from controlplane.pb import ModelAccess, ModelSpec
 #: Not imported from there: the control plane must not depend on the agent package.
 KNOWN_ENGINES: tuple[str, ...] = ("command", "sglang", "sim", "vllm")
 
-#: Tensor-parallel degrees the planner accepts (controlplane/planner/snapshot.py; a test keeps
-#: them equal). Not imported: that would load the MILP solver into every `ctl models` call.
+#: Tensor-parallel degrees a replica may use; the planner's snapshot imports them from here.
 KNOWN_TP_DEGREES: tuple[int, ...] = (1, 2, 4, 8)
+
+
+def check_tp_degree(tp: int) -> int:
+    """``tp`` when it is one of KNOWN_TP_DEGREES; ValueError naming them otherwise."""
+    if tp not in KNOWN_TP_DEGREES:
+        raise ValueError(f"tensor parallel degree {tp} is not one of {list(KNOWN_TP_DEGREES)}")
+    return tp
 
 GIB = 1 << 30
 
@@ -90,10 +96,7 @@ class CatalogEntry(BaseModel):
     @field_validator("tensor_parallel_options")
     @classmethod
     def _tp_known(cls, value: tuple[int, ...]) -> tuple[int, ...]:
-        for tp in value:
-            if tp not in KNOWN_TP_DEGREES:
-                raise ValueError(f"tensor parallel degree {tp} is not one of {list(KNOWN_TP_DEGREES)}")
-        return tuple(sorted(set(value)))
+        return tuple(sorted({check_tp_degree(tp) for tp in value}))
 
     @field_validator("allowed_gpu_types", "engine_args")
     @classmethod

@@ -28,14 +28,12 @@ shared with another assignment, a TP degree the planner does not know) is return
 
 from __future__ import annotations
 
-import json
 from collections import defaultdict
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from controlplane.keys import Keys, RecordDecodeError, decode, decode_segment
@@ -51,6 +49,8 @@ from controlplane.planner.snapshot import (
     Snapshot,
     SnapshotError,
     ThroughputProfile,
+    describe_validation_error,
+    read_data_file,
 )
 from controlplane.store import EtcdStore, KeyValue
 
@@ -85,7 +85,7 @@ class ClusterConfig(BaseModel):
         try:
             return cls.model_validate(data)
         except ValidationError as exc:
-            raise ClusterConfigError(f"{p}: " + "; ".join(_describe(e) for e in exc.errors())) from None
+            raise ClusterConfigError(f"{p}: " + "; ".join(describe_validation_error(e) for e in exc.errors())) from None
 
 
 def load_demand(path: str | Path) -> dict[str, float]:
@@ -291,23 +291,10 @@ def _model_info(spec: ModelSpec, cluster: ClusterConfig) -> ModelInfo:
 
 
 def _read_mapping(p: Path, error: type[ValueError]) -> dict[str, Any]:
-    try:
-        text = p.read_text(encoding="utf-8")
-    except OSError as exc:
-        raise error(f"{p}: cannot read: {exc.strerror or exc}") from None
-    try:
-        data = json.loads(text) if p.suffix.lower() == ".json" else yaml.safe_load(text)
-    except (json.JSONDecodeError, yaml.YAMLError) as exc:
-        raise error(f"{p}: not valid {'JSON' if p.suffix.lower() == '.json' else 'YAML'}: {exc}") from None
+    data = read_data_file(p, error)
     if data is None:
         return {}
     if not isinstance(data, Mapping):
         raise error(f"{p}: expected a mapping at the top level, got {type(data).__name__}")
     return dict(data)
-
-
-def _describe(err: Mapping[str, Any]) -> str:
-    loc = ".".join(str(part) for part in err.get("loc", ()))
-    msg = str(err.get("msg", "invalid")).removeprefix("Value error, ")
-    return f"{loc}: {msg}" if loc else msg
 

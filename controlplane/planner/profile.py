@@ -26,7 +26,7 @@ from typing import Any
 import aiohttp
 import yaml
 
-from controlplane.planner.snapshot import ThroughputProfile
+from controlplane.planner.snapshot import ThroughputProfile, read_data_file
 
 
 class ProfileError(RuntimeError):
@@ -188,11 +188,7 @@ def merge_profile(path: Path, entry: ThroughputProfile) -> None:
     data: dict[str, Any] = {}
     is_json = path.suffix.lower() == ".json"
     if path.exists():
-        try:
-            text = path.read_text(encoding="utf-8")
-            loaded = json.loads(text) if is_json else yaml.safe_load(text)
-        except (OSError, json.JSONDecodeError, yaml.YAMLError) as exc:
-            raise ProfileError(f"{path}: cannot read: {exc}") from None
+        loaded = read_data_file(path, ProfileError)
         if loaded is not None and not isinstance(loaded, dict):
             raise ProfileError(f"{path}: expected a mapping at the top level")
         data = loaded or {}

@@ -20,8 +20,8 @@ from typing import Any
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-#: Tensor-parallel degrees the planner knows; powers of two keep GPU packing exact (see model.py).
-KNOWN_TP_DEGREES: tuple[int, ...] = (1, 2, 4, 8)
+# Tensor-parallel degrees: the catalog's. Powers of two keep GPU packing exact (see model.py).
+from controlplane.catalog import KNOWN_TP_DEGREES, check_tp_degree
 
 
 class SnapshotError(ValueError):
@@ -95,10 +95,7 @@ class ModelInfo(_Frozen):
     @field_validator("tensor_parallel_options")
     @classmethod
     def _tp_known(cls, value: tuple[int, ...]) -> tuple[int, ...]:
-        for tp in value:
-            if tp not in KNOWN_TP_DEGREES:
-                raise ValueError(f"tensor parallel degree {tp} is not one of {list(KNOWN_TP_DEGREES)}")
-        return tuple(sorted(set(value)))
+        return tuple(sorted({check_tp_degree(tp) for tp in value}))
 
     @property
     def memory_gib(self) -> float:
@@ -124,9 +121,7 @@ class ThroughputProfile(_Frozen):
     @field_validator("tp")
     @classmethod
     def _tp_known(cls, value: int) -> int:
-        if value not in KNOWN_TP_DEGREES:
-            raise ValueError(f"tensor parallel degree {value} is not one of {list(KNOWN_TP_DEGREES)}")
-        return value
+        return check_tp_degree(value)
 
 
 class RunningReplica(_Frozen):
@@ -230,20 +225,14 @@ class Snapshot(_Frozen):
         try:
             return cls.model_validate(dict(data))
         except ValidationError as exc:
-            raise SnapshotError(f"{source}: " + "; ".join(_describe(err) for err in exc.errors())) from None
+            problems = "; ".join(describe_validation_error(err) for err in exc.errors())
+            raise SnapshotError(f"{source}: {problems}") from None
 
     @classmethod
     def load(cls, path: str | Path) -> Snapshot:
         """Read a snapshot from a .yaml/.yml or .json file."""
         p = Path(path)
-        try:
-            text = p.read_text(encoding="utf-8")
-        except OSError as exc:
-            raise SnapshotError(f"{p}: cannot read: {exc.strerror or exc}") from None
-        try:
-            data = json.loads(text) if p.suffix.lower() == ".json" else yaml.safe_load(text)
-        except (json.JSONDecodeError, yaml.YAMLError) as exc:
-            raise SnapshotError(f"{p}: not valid {'JSON' if p.suffix.lower() == '.json' else 'YAML'}: {exc}") from None
+        data = read_data_file(p, SnapshotError)
         return cls.from_data(data if data is not None else {}, source=str(p))
 
     # ---- derived facts (pure) ------------------------------------------------------------
@@ -331,7 +320,22 @@ def _reject_duplicates(section: str, field: str, values: list[str]) -> None:
         seen.add(v)
 
 
-def _describe(err: Mapping[str, Any]) -> str:
+def read_data_file(path: Path, error: type[Exception]) -> Any:
+    """The parsed content of a ``.json`` (JSON) or other (YAML) file, None when empty; ``error``
+    naming the file when it cannot be read or parsed."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise error(f"{path}: cannot read: {exc.strerror or exc}") from None
+    is_json = path.suffix.lower() == ".json"
+    try:
+        return json.loads(text) if is_json else yaml.safe_load(text)
+    except (json.JSONDecodeError, yaml.YAMLError) as exc:
+        raise error(f"{path}: not valid {'JSON' if is_json else 'YAML'}: {exc}") from None
+
+
+def describe_validation_error(err: Mapping[str, Any]) -> str:
+    """One pydantic error as ``field.path[3].name: message``."""
     loc = ""
     for part in err.get("loc", ()):
         loc += f"[{part}]" if isinstance(part, int) else (f".{part}" if loc else str(part))
