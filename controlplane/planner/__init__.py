@@ -7,6 +7,8 @@
 same `Plan` type. Nothing here touches etcd or the clock. See README.md in this package.
 """
 
+from typing import TYPE_CHECKING, Any
+
 from controlplane.planner.baselines import plan_greedy, plan_single_best_type
 from controlplane.planner.diff import (
     Action,
@@ -17,7 +19,6 @@ from controlplane.planner.diff import (
     PlanningError,
     build_plan,
 )
-from controlplane.planner.model import compute_plan
 from controlplane.planner.snapshot import (
     GpuInfo,
     GpuTypeInfo,
@@ -31,6 +32,19 @@ from controlplane.planner.snapshot import (
     ThroughputTable,
     tp_options,
 )
+
+if TYPE_CHECKING:
+    from controlplane.planner.model import compute_plan
+
+
+def __getattr__(name: str) -> Any:
+    # compute_plan loads PuLP and HiGHS (~50 ms): only when a plan is computed, not on every `ctl`.
+    if name == "compute_plan":
+        from controlplane.planner.model import compute_plan
+
+        return compute_plan
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 
 __all__ = [
     "Action",

@@ -54,7 +54,6 @@ from controlplane.keys import Keys
 from controlplane.pb import Assignment, PlanAction, PlanRecord
 from controlplane.planner.diff import ActionKind, Plan
 from controlplane.planner.live import Assembly, ClusterConfig, LiveRecords, assemble_snapshot, read_live
-from controlplane.planner.model import compute_plan
 from controlplane.planner.snapshot import Snapshot
 from controlplane.store import Cmp, EtcdStore, Op
 
@@ -257,6 +256,8 @@ async def plan_from_etcd(store: EtcdStore, keys: Keys, cluster: ClusterConfig, n
     """
     records = await read_live(store, keys)
     assembly = assemble_snapshot(records, cluster, demand_override=demand_override)
+    from controlplane.planner.model import compute_plan  # loads PuLP: only when planning
+
     plan = await asyncio.to_thread(compute_plan, assembly.snapshot, now, time_limit_s=time_limit_s)
     if snapshot_hook is not None:
         plan = snapshot_hook(assembly.snapshot, plan)
@@ -268,6 +269,8 @@ async def plan_from_etcd(store: EtcdStore, keys: Keys, cluster: ClusterConfig, n
 def plan_from_snapshot(snapshot: Snapshot, keys: Keys, now: float, *, time_limit_s: float = 10.0,
                        source: str = "snapshot") -> tuple[Plan, PlanFile]:
     """Plan a snapshot file (replay); the plan file has revision 0 and cannot be applied."""
+    from controlplane.planner.model import compute_plan  # loads PuLP: only when planning
+
     plan = compute_plan(snapshot, now, time_limit_s=time_limit_s)
     return plan, make_plan_file(plan, keys=keys, now=now, warnings=plan.notes, source=source)
 
