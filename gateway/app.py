@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 import orjson
 import structlog
 from aiohttp import web
+from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 from controlplane.keys import Keys
 from controlplane.store import EtcdConfig, EtcdStore, watch_prefix
@@ -310,9 +311,9 @@ class Gateway:
 
     async def prometheus(self, _: web.Request) -> web.Response:
         """GET /metrics in the Prometheus text format."""
-        body, content_type = self.metrics.render()
         if self.worker_metrics is not None:  # --workers N: every worker's series, labelled worker="i"
-            body = await self.worker_metrics.render()
+            return web.Response(body=await self.worker_metrics.render(), headers={"Content-Type": CONTENT_TYPE_LATEST})
+        body, content_type = self.metrics.render()
         return web.Response(body=body, headers={"Content-Type": content_type})
 
 

@@ -24,19 +24,17 @@ import orjson
 
 _USAGE = b'"usage"'
 _SEP = b"\n\n"
-# Content-bearing events: chat deltas ("content", "reasoning_content"), completions ("text") or
-# responses ("delta" of response.output_text.delta events),
-# minus empty and null ones; compact JSON (vLLM, SGLang: pydantic) or spaced (Python's json.dumps),
-# decided once per stream.
-# (any, string, empty string): before the first token every event with the key counts unless
-# empty or null (3 scans); after it, string values minus empty ones (2 scans).
+# Token events carry a non-empty string in the route's field: chat deltas ("content",
+# "reasoning_content"), completions ("text"), responses ("delta" of output_text.delta events).
+# Per field and JSON style (compact as vLLM/SGLang write it, or spaced as Python's json.dumps,
+# decided once per stream): (a string value, an empty string value); 2 scans a chunk.
 _PATTERNS = {
-    ("content", False): (b'content":', b'content":"', b'content":""'),
-    ("content", True): (b'content":', b'content": "', b'content": ""'),
-    ("text", False): (b'"text":', b'"text":"', b'"text":""'),
-    ("text", True): (b'"text":', b'"text": "', b'"text": ""'),
-    ("delta", False): (b'"delta":', b'"delta":"', b'"delta":""'),
-    ("delta", True): (b'"delta":', b'"delta": "', b'"delta": ""'),
+    ("content", False): (b'content":"', b'content":""'),
+    ("content", True): (b'content": "', b'content": ""'),
+    ("text", False): (b'"text":"', b'"text":""'),
+    ("text", True): (b'"text": "', b'"text": ""'),
+    ("delta", False): (b'"delta":"', b'"delta":""'),
+    ("delta", True): (b'"delta": "', b'"delta": ""'),
 }
 #: The JSON field that carries generated text in a route's stream events (default "content").
 TOKEN_FIELDS = {"/v1/completions": "text", "/v1/responses": "delta"}
@@ -175,7 +173,7 @@ class StreamTap:
         if (field, False) not in _PATTERNS:
             raise ValueError(f"unknown token field {field!r}")
         self.field = field  # chat: "content" (and reasoning_content), completions: "text", responses: "delta"
-        self._patterns: tuple[bytes, bytes, bytes] | None = None
+        self._patterns: tuple[bytes, bytes] | None = None
         self.stripped = False
         self.first_token_at: float | None = None
         self.last_token_at = 0.0
@@ -191,7 +189,7 @@ class StreamTap:
         gaps would all be zero and skew the inter-token histogram.
         """
         out = self.feed(body, now, count=False) + self.finish()
-        if self.first_token_at is None and _has_token(body, self._patterns_for(body, len(body))[1]):
+        if self.first_token_at is None and _has_token(body, self._patterns_for(body, len(body))[0]):
             self.first_token_at = self.last_token_at = now
         return out
 
@@ -242,7 +240,7 @@ class StreamTap:
         """Seconds from the request to the first content event; None when there was none."""
         return None if self.first_token_at is None else self.first_token_at - self.started
 
-    def _patterns_for(self, data: bytes, end: int) -> tuple[bytes, bytes, bytes]:
+    def _patterns_for(self, data: bytes, end: int) -> tuple[bytes, bytes]:
         patterns = self._patterns
         if patterns is None:
             spaced = data.find(b'": ', 0, end) >= 0
@@ -250,15 +248,9 @@ class StreamTap:
         return patterns
 
     def _count_content(self, data: bytes, end: int) -> int:
-        patterns = self._patterns or self._patterns_for(data, end)
-        if self.first_token_at is not None:  # string contents minus empty ones (vLLM's final event)
-            n = data.count(patterns[1], 0, end)
-            return n - data.count(patterns[2], 0, end) if n else 0
-        n = data.count(patterns[0], 0, end)
-        if n:  # the role event carries empty (or null) content: not a token
-            strings = data.count(patterns[1], 0, end)
-            n = strings - data.count(patterns[2], 0, end)
-        return max(0, n)
+        string, empty = self._patterns or self._patterns_for(data, end)
+        n = data.count(string, 0, end)
+        return n - data.count(empty, 0, end) if n else 0  # the role and final events carry ""
 
     def _tokens(self, events: int, now: float) -> None:
         if self.first_token_at is None:
