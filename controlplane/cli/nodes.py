@@ -11,6 +11,7 @@ A drain request is a NodeControl record at ``control/nodes/<node>``; the agent w
 
 from __future__ import annotations
 
+import asyncio
 import getpass
 import socket
 import sys
@@ -41,7 +42,7 @@ from controlplane.cli.main import app
 from controlplane.cli.output import age, print_json, print_table
 from controlplane.keys import Keys, RecordDecodeError, decode, decode_all, decode_segment
 from controlplane.pb import InstanceRecord, InstanceState, NodeControl, NodeRecord
-from controlplane.store import Cmp, EtcdConfig, Op
+from controlplane.store import Cmp, EtcdConfig, EtcdStore, Op
 
 nodes_app = typer.Typer(
     help="List the pool's nodes (agents) and drain or undrain one.",
@@ -184,14 +185,17 @@ class NodeNotRegistered(LookupError):
 
 async def read_nodes(config: EtcdConfig) -> NodesSnapshot:
     """Nodes, instances and controls at one revision; undecodable records become warnings."""
-    keys = Keys(config.prefix)
     store = await open_store(config)
     try:
-        node_kvs, rev = await store.list_prefix(keys.nodes)
-        inst_kvs, _ = await store.list_prefix(keys.instances, revision=rev)
-        ctl_kvs, _ = await store.list_prefix(keys.node_controls, revision=rev)
+        return await _read_nodes(store, Keys(config.prefix))
     finally:
         await store.close()
+
+
+async def _read_nodes(store: EtcdStore, keys: Keys) -> NodesSnapshot:
+    node_kvs, rev = await store.list_prefix(keys.nodes)
+    inst_kvs, _ = await store.list_prefix(keys.instances, revision=rev)
+    ctl_kvs, _ = await store.list_prefix(keys.node_controls, revision=rev)
     warnings: list[str] = []
     nodes = {decode_segment(kv.key.rsplit("/", 1)[-1]): n for kv, n in decode_all(NodeRecord, node_kvs, warnings)}
     instances = [i for _, i in decode_all(InstanceRecord, inst_kvs, warnings)]
@@ -370,21 +374,30 @@ def drain(
 def _wait_drained(config: EtcdConfig, node: str, timeout: float, *, quiet: bool) -> None:
     """Poll until ``node`` has drained, with a spinner showing the instances left."""
     from rich.console import Console
-    from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+    from rich.progress import Progress, SpinnerColumn, TaskID, TextColumn, TimeElapsedColumn
 
-    deadline = time.monotonic() + timeout
+    async def wait(progress: Progress, task: TaskID) -> int | None:
+        """None once drained, else the instances left when the timeout passed (one etcd connection)."""
+        deadline = time.monotonic() + timeout
+        store = await open_store(config)
+        try:
+            while True:
+                done, left = drain_progress(node, await _read_nodes(store, Keys(config.prefix)))
+                if done:
+                    return None
+                if time.monotonic() > deadline:
+                    return left
+                progress.update(task, description=f"draining {node}: {left} instance(s) left")
+                await asyncio.sleep(0.5)
+        finally:
+            await store.close()
+
     with Progress(SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn(),
                   console=Console(stderr=True), transient=True, disable=quiet) as progress:
-        task = progress.add_task(f"draining {node}")
-        while True:
-            done, left = drain_progress(node, run_async(lambda: read_nodes(config)))
-            if done:
-                break
-            if time.monotonic() > deadline:
-                fail(f"node {node} still has {left} instance(s) after {timeout:g} s; the drain goes on "
-                     f"(`ctl nodes show {node}`)", ExitCode.ERROR)
-            progress.update(task, description=f"draining {node}: {left} instance(s) left")
-            time.sleep(0.5)
+        left = run_async(lambda: wait(progress, progress.add_task(f"draining {node}")))
+    if left is not None:
+        state = f"still has {left} instance(s)" if left else "has not acknowledged the drain"
+        fail(f"node {node} {state} after {timeout:g} s; the drain goes on (`ctl nodes show {node}`)", ExitCode.ERROR)
     if not quiet:
         print(f"node {node} drained")
 
