@@ -151,7 +151,6 @@ class Forwarder:
         self.pool = pool
         self.settings = settings
         self.in_flight = InFlight()
-        self.retries = 0
         self.on_retry = on_retry
 
     async def forward(self, request: web.Request, path: str, body: bytes, candidates: tuple[Endpoint, ...],
@@ -170,10 +169,8 @@ class Forwarder:
             if ep is None:
                 break
             tried.add(ep.instance_id)
-            if attempt:
-                self.retries += 1
-                if self.on_retry:
-                    self.on_retry()
+            if attempt and self.on_retry:
+                self.on_retry()
             self.in_flight.acquire(ep)
             try:
                 upstream = await self.pool.request(ep.url, path, headers, body, self.settings.first_byte_timeout_s)

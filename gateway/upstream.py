@@ -54,7 +54,6 @@ class _Connection(asyncio.Protocol):
         self.loop = loop
         self.transport: asyncio.Transport | None = None
         self.closed = False
-        self.idle_since = 0.0
         self._parser = httptools.HttpResponseParser(self)
         self._response: UpstreamResponse | None = None
         self._headers_waiter: asyncio.Future[None] | None = None
@@ -88,12 +87,6 @@ class _Connection(asyncio.Protocol):
             else:
                 self._fail(UpstreamError("connection closed before the response"
                                          + (f": {exc}" if exc else "")))
-
-    def pause_writing(self) -> None:  # the request body is written in one go; nothing to pause
-        pass
-
-    def resume_writing(self) -> None:
-        pass
 
     # -- httptools callbacks ---------------------------------------------------------------
 
