@@ -16,7 +16,7 @@ import aiohttp
 import structlog
 
 from agent.engines import EngineLaunch
-from controlplane.procs import _die_with_parent
+from controlplane.procs import set_parent_death_signal
 
 log = structlog.get_logger(__name__)
 
@@ -56,7 +56,7 @@ class EngineProcess:
             out.flush()
             self._proc = await asyncio.create_subprocess_exec(
                 *self.launch.argv, stdout=out, stderr=asyncio.subprocess.STDOUT, stdin=asyncio.subprocess.DEVNULL,
-                env=env, start_new_session=True, preexec_fn=_die_with_parent,
+                env=env, start_new_session=True, preexec_fn=set_parent_death_signal,
             )
         log.info("engine started", pid=self._proc.pid, argv=list(self.launch.argv), log=str(self.log_path))
 

@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from controlplane.netutil import free_port
+from controlplane.procs import set_parent_death_signal
 
 
 class EtcdNotFound(RuntimeError):
@@ -119,8 +120,9 @@ class EtcdProcess:
                 args.append("--client-cert-auth")
         env = dict(os.environ, ETCD_UNSUPPORTED_ARCH=os.environ.get("ETCD_UNSUPPORTED_ARCH", ""))
         with open(self.log_path, "ab") as log:
+            # etcd dies with whoever started it, however that process ends (a killed benchmark, Ctrl-C)
             self.proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, env=env,
-                                         start_new_session=True)
+                                         start_new_session=True, preexec_fn=set_parent_death_signal)
         if wait:
             self.wait_healthy(timeout)
         return self

@@ -17,11 +17,12 @@ from pathlib import Path
 _PR_SET_PDEATHSIG = 1
 
 
-def _die_with_parent() -> None:  # runs in the child between fork and exec
+def set_parent_death_signal() -> None:
+    """preexec_fn for Popen: the child gets SIGTERM when the thread that started it exits."""
     try:
         libc = ctypes.CDLL("libc.so.6", use_errno=True)
         libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
-    except OSError:  # not Linux/glibc: the process group kill in stop() still applies
+    except (OSError, AttributeError):  # not Linux/glibc: the process group kill in stop() still applies
         pass
 
 
@@ -38,7 +39,7 @@ def spawn(argv: Sequence[str], log_path: Path | None = None, env: Mapping[str, s
             env=dict(env) if env is not None else None,
             cwd=cwd,
             start_new_session=True,
-            preexec_fn=_die_with_parent if die_with_parent else None,
+            preexec_fn=set_parent_death_signal if die_with_parent else None,
         )
     finally:
         if log_path is not None:

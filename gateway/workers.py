@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import ctypes
 import dataclasses
 import multiprocessing
 import multiprocessing.connection
@@ -42,11 +41,11 @@ from multiprocessing.process import BaseProcess
 import structlog
 from aiohttp import web
 
+from controlplane.procs import set_parent_death_signal
 from gateway.app import GATEWAY, GatewayConfig, build_app
 
 log = structlog.get_logger(__name__)
 
-_PR_SET_PDEATHSIG = 1
 STABLE_AFTER_S = 30.0  # a worker that served this long resets the restart backoff
 KILL_MARGIN_S = 10.0   # past shutdown_timeout + this, stragglers are SIGKILLed
 LISTEN_AFTER_LOAD_S = 10.0  # a worker listens once its table is loaded, or after this long regardless
@@ -316,13 +315,9 @@ def _worker_main(config: GatewayConfig, sock: socket.socket, index: int, parent_
         with contextlib.suppress(OSError):
             os.close(fd)
     os.setpgid(0, 0)  # the parent alone receives group signals, and forwards them once
-    _die_with_parent()
+    set_parent_death_signal()
     if os.getppid() != parent_pid:  # the parent died before the death signal was armed
         return
     structlog.contextvars.bind_contextvars(worker=index, gateway_id=config.gateway_id)
     serve_in_process(config, sock, shutdown_timeout, listen_after_load_s=LISTEN_AFTER_LOAD_S)
 
-
-def _die_with_parent() -> None:
-    with contextlib.suppress(OSError, AttributeError):
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
