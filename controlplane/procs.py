@@ -10,20 +10,31 @@ import ctypes
 import os
 import signal
 import subprocess
+import sys
+import threading
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
 _PR_SET_PDEATHSIG = 1
 
 
+def _load_prctl() -> Callable[..., int] | None:
+    try:
+        return ctypes.CDLL("libc.so.6", use_errno=True).prctl  # type: ignore[no-any-return]
+    except (OSError, AttributeError):  # not Linux/glibc: the process group kill in stop() still applies
+        return None
+
+
+# Resolved here, in the parent: the child runs preexec_fn between fork and exec, where a dlopen could
+# deadlock on a loader lock some other thread (gRPC's pollers) held at fork time.
+_prctl = _load_prctl()
+
+
 def set_parent_death_signal() -> None:
     """preexec_fn for Popen: the child gets SIGTERM when the thread that started it exits."""
-    try:
-        libc = ctypes.CDLL("libc.so.6", use_errno=True)
-        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
-    except (OSError, AttributeError):  # not Linux/glibc: the process group kill in stop() still applies
-        pass
+    if _prctl is not None:
+        _prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
 
 
 def spawn(argv: Sequence[str], log_path: Path | None = None, env: Mapping[str, str] | None = None,
@@ -78,3 +89,21 @@ def stop_all(procs: Sequence[subprocess.Popen[bytes]], timeout: float = 10.0) ->
         signal_group(p, signal.SIGKILL)
         with contextlib.suppress(subprocess.TimeoutExpired):
             p.wait(timeout=5)
+
+
+def exit_watchdog(within_s: float, code: int) -> threading.Timer:
+    """Make the process exit with ``code`` within ``within_s`` seconds, whatever still runs.
+
+    Armed once a daemon's work is done (drained, lease revoked): interpreter and event-loop
+    teardown then joins library threads, and gRPC's asyncio pollers can hang there (grpc/grpc
+    #40989). A process manager waiting for our exit must not wait on that forever.
+    """
+    def fire() -> None:
+        sys.stderr.write(f"exit: teardown still running {within_s:g}s after the work finished; exiting {code}\n")
+        sys.stderr.flush()
+        os._exit(code)
+
+    timer = threading.Timer(within_s, fire)
+    timer.daemon = True
+    timer.start()
+    return timer

@@ -41,7 +41,7 @@ from multiprocessing.process import BaseProcess
 import structlog
 from aiohttp import web
 
-from controlplane.procs import set_parent_death_signal
+from controlplane.procs import exit_watchdog, set_parent_death_signal
 from gateway.app import GATEWAY, GatewayConfig, build_app
 
 log = structlog.get_logger(__name__)
@@ -119,8 +119,14 @@ def serve_in_process(config: GatewayConfig, sock: socket.socket, shutdown_timeou
         # on_startup hooks run after cleanup_ctx (the etcd watches) has started, before the site
         # starts; SockSite's create_server then calls listen() on the socket.
         app.on_startup.append(lambda a: _table_loaded(a, listen_after_load_s))
+    # After the drain and the etcd/usage teardown (cleanup_ctx runs first): exit even if gRPC's hangs.
+    app.on_cleanup.append(_arm_exit_watchdog)
     web.run_app(app, sock=sock, loop=loop, print=None, access_log=None, handler_cancellation=True,
                 shutdown_timeout=shutdown_timeout)
+
+
+async def _arm_exit_watchdog(app: web.Application) -> None:
+    exit_watchdog(10.0, 0)
 
 
 async def _table_loaded(app: web.Application, timeout_s: float) -> None:

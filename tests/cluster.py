@@ -101,6 +101,15 @@ async def eventually(check: Callable[[], Awaitable[T | None]], timeout: float = 
     raise TimeoutError(f"{what} not reached within {timeout}s (last: {last!r})")
 
 
+async def exit_code(proc: subprocess.Popen[bytes], timeout: float, log: Path | None = None) -> int:
+    """Wait for ``proc`` to exit; on timeout fail with the tail of its ``log`` (what it was doing)."""
+    try:
+        return await asyncio.to_thread(proc.wait, timeout)
+    except subprocess.TimeoutExpired:
+        tail = "\n".join(log.read_text(errors="replace").splitlines()[-25:]) if log and log.exists() else ""
+        raise AssertionError(f"pid {proc.pid} still running {timeout}s later; log tail:\n{tail}") from None
+
+
 def stop_all(procs: Sequence[subprocess.Popen[bytes]]) -> None:
     """Stop processes (TERM, then KILL)."""
     for p in procs:

@@ -152,4 +152,4 @@ def agent(
             loop.add_signal_handler(sig, runner.request_drain, why)
         await runner.run()
 
-    run_async(main)
+    run_async(main, exit_within_s=10)

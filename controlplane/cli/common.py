@@ -11,6 +11,7 @@ from typing import Annotated, Any, NoReturn, TypeVar
 
 import typer
 
+from controlplane.procs import exit_watchdog
 from controlplane.store import EtcdConfig, EtcdConfigError, EtcdStore, StoreError
 
 T = TypeVar("T")
@@ -64,8 +65,14 @@ def fail(message: str, code: ExitCode = ExitCode.ERROR) -> NoReturn:
     raise typer.Exit(int(code))
 
 
-def run_async(fn: Callable[[], Awaitable[T]]) -> T:
-    """Run a coroutine under uvloop when available; StoreError becomes a clean exit code."""
+def run_async(fn: Callable[[], Awaitable[T]], *, exit_within_s: float | None = None) -> T:
+    """Run a coroutine under uvloop when available; StoreError becomes a clean exit code.
+
+    ``exit_within_s`` (daemons): once ``fn`` has finished, the process exits within that many
+    seconds even if library teardown hangs (see ``exit_watchdog``).
+    """
+    if exit_within_s is not None:
+        fn = _with_exit_watchdog(fn, exit_within_s)
     runner: Any
     try:
         import uvloop
@@ -84,6 +91,18 @@ def run_async(fn: Callable[[], Awaitable[T]]) -> T:
             fail(str(exc), ExitCode.CONFLICT)
         fail(str(exc))
     raise AssertionError("unreachable")
+
+
+def _with_exit_watchdog(fn: Callable[[], Awaitable[T]], within_s: float) -> Callable[[], Awaitable[T]]:
+    async def run() -> T:
+        code = ExitCode.ERROR
+        try:
+            result = await fn()
+            code = ExitCode.OK
+            return result
+        finally:
+            exit_watchdog(within_s, int(code))
+    return run
 
 
 async def open_store(config: EtcdConfig) -> EtcdStore:

@@ -275,4 +275,4 @@ def planner_run(
         finally:
             await store.close()
 
-    run_async(main)
+    run_async(main, exit_within_s=10)

@@ -15,7 +15,7 @@ from controlplane.etcdproc import EtcdProcess
 from controlplane.keys import Keys, decode
 from controlplane.pb import InstanceRecord, InstanceState, NodeRecord
 from controlplane.store import Changes, EtcdConfig, EtcdStore, watch_prefix
-from tests.cluster import eventually, start_agent, stop_all
+from tests.cluster import eventually, exit_code, start_agent, stop_all
 
 
 async def instances(store: EtcdStore) -> list[InstanceRecord]:
@@ -67,7 +67,7 @@ async def test_registers_then_drains_in_order_on_sigterm(store: EtcdStore, etcd_
             assert b'"finish_reason": "length"' in first + rest
             await asyncio.wait_for(watcher, 20)
         assert seen[0] == ("put", InstanceState.DRAINING) and seen[-1] == ("delete", 0), seen
-        assert await asyncio.to_thread(proc.wait, 20) == 0
+        assert await exit_code(proc, 20, log) == 0
         assert time.monotonic() - drain_started < 15
         assert await store.get(Keys(store.prefix).node("n1")) is None
         assert await instances(store) == []

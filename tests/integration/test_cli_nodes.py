@@ -23,7 +23,7 @@ from controlplane.keys import Keys, decode
 from controlplane.pb import Assignment, Gpu, InstanceRecord, InstanceState, ModelSpec, NodeControl, NodeRecord, SlurmJob
 from controlplane.procs import spawn
 from controlplane.store import EtcdConfig, EtcdStore
-from tests.cluster import CTL, eventually, start_agent, stop_all
+from tests.cluster import CTL, eventually, exit_code, start_agent, stop_all
 
 
 async def ctl(config: EtcdConfig, *args: str) -> Result:
@@ -193,7 +193,7 @@ async def test_drain_serve_agent_removes_instance_and_agent_exits_0(etcd_config:
         assert res.exit_code == 0 and json.loads(res.stdout)["registered"] is True
         # --wait returned: the records are gone already, and the agent exits 0
         assert await instances(store) == [] and await node(store, "s1") is None
-        assert await asyncio.to_thread(proc.wait, 20) == 0
+        assert await exit_code(proc, 20, log) == 0
         assert "ctl nodes drain: rebalance" in log.read_text()
         # the request stays (a restarted agent with this id would drain again) until undrained
         assert (await list_json(etcd_config))["s1"]["registered"] is False
