@@ -1,6 +1,7 @@
 """The gateway application: OpenAI routes over a routing table that etcd keeps current.
 
-Background work (cleanup_ctx): one etcd connection, list-then-watches of ``instances/`` (the
+``Gateway.start`` runs the background work, then serves HTTP (``gateway.server``); ``stop`` drains.
+Background work: one etcd connection, list-then-watches of ``instances/`` (the
 RoutingTable), ``keys/`` (the KeyTable) and ``models/`` (private models), the fleet member (lease,
 ``gateways/`` registration and watch, demand and usage writes; gateway/fleet.py) and the shared
 upstream session. If etcd becomes unreachable the watches retry forever while requests keep
@@ -18,27 +19,27 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import os
+import socket
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
+from urllib.parse import unquote
 
-import orjson
 import structlog
-from aiohttp import web
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 from controlplane.keys import Keys
 from controlplane.store import EtcdConfig, EtcdStore, watch_prefix
 from gateway.auth import ANONYMOUS, KeyTable, ModelAccessTable, Principal, check_model_access
 from gateway.ejection import Ejections
-from gateway.errors import GatewayError, ModelNotFound, NoCapacity, PayloadTooLarge, RateLimited, error_response
+from gateway.errors import GatewayError, ModelNotFound, NoCapacity, RateLimited
 from gateway.fleet import FleetMember, FleetSettings
 from gateway.limits import RateLimiter
 from gateway.metrics import UNKNOWN_MODEL, GatewayMetrics
 from gateway.proxy import Exchange, Forwarder, ProxySettings, parse_model
 from gateway.routing import SESSION_HEADER
+from gateway.server import Handler, HttpServer, Request, Response
 from gateway.sse import TOKEN_FIELDS, with_usage_requested
 from gateway.table import Endpoint, RoutingTable
 from gateway.upstream import UpstreamPool
@@ -47,7 +48,7 @@ from gateway.worker_metrics import WorkerMetrics
 
 log = structlog.get_logger(__name__)
 
-REQUEST_ID = web.RequestKey("request_id", str)
+_SESSION = SESSION_HEADER.lower().encode()
 
 # Routes forwarded by the body's "model": client path → engine path.
 FORWARDED_ROUTES: dict[str, str] = {
@@ -100,11 +101,52 @@ class Gateway:
         self.fleet: FleetMember | None = None
         self.worker_metrics: WorkerMetrics | None = None
         self.started = time.time()
+        self.server: HttpServer | None = None
+        self._background: contextlib.AsyncExitStack | None = None
 
     # -- lifecycle ---------------------------------------------------------------------------
 
-    async def background(self, _: web.Application) -> AsyncIterator[None]:
-        """cleanup_ctx: etcd watches and the upstream connection pool live as long as the app."""
+    async def start(self, sock: socket.socket, listen_after_load_s: float = 0.0) -> None:
+        """Start the background work, then serve ``sock`` (bound; listening or not).
+
+        With ``listen_after_load_s`` > 0 the server starts once the routing table is loaded from
+        etcd (or after that many seconds regardless), so that a worker joining running siblings
+        on a shared port never answers 404 for models they route.
+        """
+        async with contextlib.AsyncExitStack() as stack:
+            await stack.enter_async_context(self.background())
+            deadline = time.monotonic() + listen_after_load_s
+            while listen_after_load_s > 0 and not self.table.loaded and time.monotonic() < deadline:
+                await asyncio.sleep(0.02)
+            if listen_after_load_s > 0 and not self.table.loaded:
+                log.warning("routing table not loaded yet; listening anyway", waited_s=listen_after_load_s)
+            self.server = self.http_server()
+            await self.server.start(sock)
+            self._background = stack.pop_all()  # started: stop() tears it down
+
+    async def stop(self, timeout: float) -> None:
+        """Drain: stop accepting, finish requests in flight (up to ``timeout`` s), then stop the rest."""
+        if self.server is not None:
+            cut = await self.server.shutdown(timeout)
+            if cut:
+                log.warning("drain timed out; connections cut", connections=cut, timeout_s=timeout)
+        background, self._background = self._background, None
+        if background is not None:
+            await background.aclose()
+
+    def http_server(self) -> HttpServer:
+        """The HTTP server of this gateway's routes."""
+        forward: dict[str, Handler] = {"POST": self.forward}
+        return HttpServer(
+            {**{path: forward for path in FORWARDED_ROUTES},
+             "/v1/models": {"GET": self.list_models}, "/healthz": {"GET": self.healthz},
+             "/readyz": {"GET": self.readyz}, "/metrics": {"GET": self.prometheus}},
+            prefix_routes=[("/v1/models/", {"GET": self.get_model})],
+            max_body_bytes=self.config.max_body_bytes)
+
+    @contextlib.asynccontextmanager
+    async def background(self) -> AsyncIterator[None]:
+        """etcd watches, the fleet member and the upstream connection pool."""
         store = await EtcdStore(self.config.etcd).connect()
         pool = UpstreamPool(connect_timeout_s=self.config.proxy.connect_timeout_s)
         self.forwarder = Forwarder(pool, self.config.proxy, on_retry=self.metrics.retries.inc)
@@ -157,48 +199,25 @@ class Gateway:
             log.info("etcd connectivity", connected=up)
         self.etcd_connected = up
 
-    # -- middleware --------------------------------------------------------------------------
-
-    @web.middleware
-    async def errors_middleware(self, request: web.Request,
-                                handler: Callable[[web.Request], Awaitable[web.StreamResponse]]) -> web.StreamResponse:
-        """Every error leaves in the OpenAI envelope, with the request id."""
-        request_id = request.headers.get("X-Request-Id") or os.urandom(16).hex()
-        request[REQUEST_ID] = request_id
-        # each request runs in its own task, hence its own copy of the context: no unbinding needed
-        structlog.contextvars.bind_contextvars(request_id=request_id)
-        try:
-            return await handler(request)
-        except GatewayError as err:
-            return err.response(request_id)
-        except web.HTTPRequestEntityTooLarge:
-            return PayloadTooLarge(f"request body exceeds {self.config.max_body_bytes} bytes").response(request_id)
-        except web.HTTPException as exc:
-            if exc.status < 400:
-                raise
-            kind = "invalid_request_error" if exc.status < 500 else "server_error"
-            message = f"{request.method} {request.path}: {exc.reason}"
-            return error_response(exc.status, message, kind, None, None, None, request_id)
-
     # -- handlers ----------------------------------------------------------------------------
 
-    def _principal(self, request: web.Request) -> Principal:
+    def _principal(self, request: Request) -> Principal:
         if not self.config.auth:
             return ANONYMOUS
-        return self.api_keys.authenticate(request.headers.get("Authorization"))
+        return self.api_keys.authenticate(request.header(b"authorization"))
 
-    async def forward(self, request: web.Request) -> web.StreamResponse:
+    async def forward(self, request: Request, response: Response) -> None:
         """POST /v1/… routed by the body's ``model``."""
         started = time.monotonic()
-        request_id = request[REQUEST_ID]
-        principal = self._principal(request)
-        body = await request.read()
-        model, payload = parse_model(body)
-        status = 0
+        model = ""
+        principal = ANONYMOUS
         counted = False      # a visible, known model: the request counts in usage
         arrived = False      # ... and it passed the rate limits: it counts as demand
         ex: Exchange | None = None
         try:
+            principal = self._principal(request)
+            body = request.body
+            model, payload = parse_model(body)
             check_model_access(principal, model, self.access)
             candidates = self.table.ready(model)
             if not candidates and not (self.table.known(model) or self.access.in_catalog(model)):
@@ -211,18 +230,16 @@ class Gateway:
                 raise NoCapacity(f"model '{model}' has no ready instance right now; retry shortly")
             assert self.forwarder is not None  # set in background() before the server accepts requests
             upstream_body = with_usage_requested(request.path, payload, body)
-            ex = Exchange(started, session=request.headers.get(SESSION_HEADER), strip_usage=upstream_body is not None,
+            ex = Exchange(started, session=request.header(_SESSION), strip_usage=upstream_body is not None,
                           token_field=TOKEN_FIELDS.get(request.path, "content"), extra_headers=extra)
-            resp = await self.forwarder.forward(request, FORWARDED_ROUTES[request.path], upstream_body or body,
-                                                self.ejections.filter(candidates), request_id,
-                                                self._on_upstream_result, ex)
-            status = resp.status
-            return resp
+            await self.forwarder.forward(request, response, FORWARDED_ROUTES[request.path], upstream_body or body,
+                                         self.ejections.filter(candidates), self._on_upstream_result, ex)
         except GatewayError as err:
-            status = err.status
+            response.status = err.status
             raise
         finally:
-            self._finished(principal, model, request.path, status or 499, started, ex, counted, arrived)
+            self._finished(principal, model or UNKNOWN_MODEL, request.path, response.status or 499, started, ex,
+                           counted, arrived)
 
     def _admit(self, principal: Principal, now: float) -> dict[str, str] | None:
         """Take the request from the key's rate limits; RateLimited (429) when over."""
@@ -269,21 +286,21 @@ class Gateway:
             log.warning("instance ejected", instance=ep.instance_id, model=ep.model, reason=failure,
                         for_s=round(self.ejections.remaining(ep.instance_id), 2))
 
-    async def list_models(self, request: web.Request) -> web.Response:
+    async def list_models(self, request: Request, response: Response) -> None:
         """GET /v1/models: models with at least one READY instance that this key may use."""
         principal = self._principal(request)
         data = [self._model_card(m) for m in self.table.models()
                 if self.access.visible(principal, m) and principal.may_use(m)]
-        return _json({"object": "list", "data": data})
+        response.send_json(200, {"object": "list", "data": data})
 
-    async def get_model(self, request: web.Request) -> web.Response:
-        """GET /v1/models/{model}."""
+    async def get_model(self, request: Request, response: Response) -> None:
+        """GET /v1/models/{model} (the name percent-decoded: /v1/models/org/My%20Model)."""
         principal = self._principal(request)
-        model = request.match_info["model"]
+        model = unquote(request.path.removeprefix("/v1/models/"))
         if (model not in self.table.models() or not self.access.visible(principal, model)
                 or not principal.may_use(model)):
             raise ModelNotFound(f"The model '{model}' does not exist or is not served right now.", param="model")
-        return _json(self._model_card(model))
+        response.send_json(200, self._model_card(model))
 
     def _model_card(self, model: str) -> dict[str, object]:
         ready = self.table.ready(model)
@@ -294,48 +311,26 @@ class Gateway:
             "instances": len(ready), "gpu_types": sorted({ep.gpu_type for ep in ready if ep.gpu_type}),
         }
 
-    async def healthz(self, _: web.Request) -> web.Response:
+    async def healthz(self, _: Request, response: Response) -> None:
         """Liveness: the process answers."""
-        return _json({"status": "ok"})
+        response.send_json(200, {"status": "ok"})
 
-    async def readyz(self, _: web.Request) -> web.Response:
+    async def readyz(self, _: Request, response: Response) -> None:
         """Readiness: the routing table was loaded once; 'degraded' while etcd is unreachable."""
         body = {"status": "ok", "etcd": "connected" if self.etcd_connected else "unreachable",
                 "instances": len(self.table), "models": len(self.table.models()), "revision": self.table.revision}
         if not self.table.loaded:
             body["status"] = "starting"
-            return _json(body, status=503)
+            response.send_json(503, body)
+            return
         if not self.etcd_connected:
             body["status"] = "degraded"  # fail static: still routing on the last table
-        return _json(body)
+        response.send_json(200, body)
 
-    async def prometheus(self, _: web.Request) -> web.Response:
+    async def prometheus(self, _: Request, response: Response) -> None:
         """GET /metrics in the Prometheus text format."""
         if self.worker_metrics is not None:  # --workers N: every worker's series, labelled worker="i"
-            return web.Response(body=await self.worker_metrics.render(), headers={"Content-Type": CONTENT_TYPE_LATEST})
-        body, content_type = self.metrics.render()
-        return web.Response(body=body, headers={"Content-Type": content_type})
-
-
-GATEWAY = web.AppKey("gateway", Gateway)
-
-
-def _json(body: object, status: int = 200) -> web.Response:
-    return web.Response(body=orjson.dumps(body), status=status, content_type="application/json")
-
-
-def build_app(config: GatewayConfig) -> web.Application:
-    """The aiohttp application of one gateway process."""
-    gw = Gateway(config)
-    app = web.Application(client_max_size=config.max_body_bytes, middlewares=[gw.errors_middleware])
-    app[GATEWAY] = gw
-    app.cleanup_ctx.append(gw.background)
-    for path in FORWARDED_ROUTES:
-        app.router.add_post(path, gw.forward)
-    app.router.add_get("/v1/models", gw.list_models)
-    app.router.add_get("/v1/models/{model:.+}", gw.get_model)
-    app.router.add_get("/healthz", gw.healthz)
-    app.router.add_get("/readyz", gw.readyz)
-    app.router.add_get("/metrics", gw.prometheus)
-    return app
-
+            body, content_type = await self.worker_metrics.render(), CONTENT_TYPE_LATEST
+        else:
+            body, content_type = self.metrics.render()
+        response.send(200, [(b"Content-Type", content_type.encode("latin-1"))], body)

@@ -5,6 +5,8 @@
      ├── Unauthorized      401  authentication_error
      ├── Forbidden         403  permission_error
      ├── ModelNotFound     404  model_not_found
+     ├── RouteNotFound     404  invalid_request_error (an unknown URL, worded as OpenAI words it)
+     ├── MethodNotAllowed  405  invalid_request_error (with Allow)
      ├── PayloadTooLarge   413  invalid_request_error
      ├── RateLimited       429  type "requests" | "tokens", code rate_limit_exceeded (with Retry-After),
      │                         as OpenAI answers a key over its RPM / TPM
@@ -16,7 +18,6 @@
 from __future__ import annotations
 
 import orjson
-from aiohttp import web
 
 
 class GatewayError(Exception):
@@ -32,19 +33,10 @@ class GatewayError(Exception):
         self.param = param
         self.headers = headers or {}
 
-    def response(self, request_id: str | None = None) -> web.Response:
-        """The error as an HTTP response."""
-        return error_response(self.status, self.message, self.type, self.param, self.code, self.headers, request_id)
 
-
-def error_response(status: int, message: str, type_: str, param: str | None = None, code: str | None = None,
-                   headers: dict[str, str] | None = None, request_id: str | None = None) -> web.Response:
-    """An OpenAI-format error response."""
-    body = orjson.dumps({"error": {"message": message, "type": type_, "param": param, "code": code}})
-    hdrs = {"Content-Type": "application/json", **(headers or {})}
-    if request_id:
-        hdrs["X-Request-Id"] = request_id
-    return web.Response(status=status, body=body, headers=hdrs)
+def error_body(message: str, type_: str, param: str | None = None, code: str | None = None) -> bytes:
+    """The OpenAI error envelope as JSON bytes."""
+    return orjson.dumps({"error": {"message": message, "type": type_, "param": param, "code": code}})
 
 
 class BadRequest(GatewayError):
@@ -61,6 +53,14 @@ class Forbidden(GatewayError):
 
 class ModelNotFound(GatewayError):
     status, type, code = 404, "invalid_request_error", "model_not_found"
+
+
+class RouteNotFound(GatewayError):
+    status, type = 404, "invalid_request_error"
+
+
+class MethodNotAllowed(GatewayError):
+    status, type = 405, "invalid_request_error"
 
 
 class PayloadTooLarge(GatewayError):

@@ -14,7 +14,8 @@ asks the engine for it (``sse.with_usage_requested``) and the ``StreamTap`` remo
 usage event again.
 
 Once the first byte has been sent the request is committed to that instance; a client that goes
-away cancels the handler, which closes the upstream connection so the engine stops generating.
+away cancels the handler (``gateway.server``), which closes the upstream connection so the engine
+stops generating. Headers stay bytes from the client's socket to the engine's and back.
 
 What the data path learns (instance, status, usage, TTFT, gaps) lands in the request's
 ``Exchange``; the hot loop only feeds chunks to the tap (byte scans, no JSON).
@@ -28,11 +29,10 @@ from dataclasses import dataclass
 
 import orjson
 import structlog
-from aiohttp import web
-from multidict import CIMultiDict
 
 from gateway.errors import BadRequest, GatewayError, NoCapacity, UpstreamFailed, UpstreamTimeout
 from gateway.routing import pick_affinity
+from gateway.server import Headers, Request, Response
 from gateway.sse import StreamTap, TokenUsage, usage_from_body, usage_from_tail
 from gateway.table import Endpoint
 from gateway.upstream import UpstreamBroken, UpstreamError, UpstreamPool, UpstreamResponse
@@ -40,14 +40,16 @@ from gateway.upstream import UpstreamTimeout as UpstreamTimeoutError
 
 log = structlog.get_logger(__name__)
 
-# Never forwarded upstream: hop-by-hop headers, our own credentials, and what aiohttp recomputes.
-DROP_REQUEST_HEADERS = frozenset(h.lower() for h in (
+# Never forwarded upstream: hop-by-hop headers, our own credentials, what the upstream client sets
+# itself, and the request id (sent as ours: the client's own when it gave one).
+DROP_REQUEST_HEADERS = frozenset(h.lower().encode() for h in (
     "Host", "Connection", "Keep-Alive", "Proxy-Authorization", "Proxy-Connection", "TE", "Trailer",
-    "Transfer-Encoding", "Upgrade", "Content-Length", "Authorization", "Cookie", "Expect",
+    "Transfer-Encoding", "Upgrade", "Content-Length", "Authorization", "Cookie", "Expect", "X-Request-Id",
 ))
 # Never passed back to the client: hop-by-hop headers and what our server sets itself.
-DROP_RESPONSE_HEADERS = frozenset(h.lower() for h in (
+DROP_RESPONSE_HEADERS = frozenset(h.lower().encode() for h in (
     "Connection", "Keep-Alive", "Transfer-Encoding", "Content-Length", "Date", "Server", "Trailer", "Upgrade",
+    "X-Request-Id",
 ))
 
 OnResult = Callable[[Endpoint, str | None], None]  # reason for a failure, None for success
@@ -95,31 +97,29 @@ def parse_model(body: bytes) -> tuple[str, dict[str, object]]:
     return model, payload
 
 
-def upstream_headers(request: web.Request, request_id: str) -> list[tuple[str, str]]:
-    """The client's headers minus hop-by-hop ones and credentials, plus our request id."""
-    out = [(name, value) for name, value in request.headers.items()
-           if name.lower() not in DROP_REQUEST_HEADERS and name.lower() != "x-request-id"]
-    out.append(("X-Request-Id", request_id))  # the client's own id when it sent one (see the middleware)
+def upstream_headers(request: Request) -> Headers:
+    """The client's headers minus hop-by-hop ones and credentials, plus the request id."""
+    out = [(name, value) for name, value in request.headers if name.lower() not in DROP_REQUEST_HEADERS]
+    out.append((b"X-Request-Id", request.id.encode("latin-1")))
     return out
 
 
-def response_headers(raw: list[tuple[bytes, bytes]], request_id: str,
-                     extra: Mapping[str, str] | None) -> tuple[CIMultiDict[str], bool]:
-    """The engine's response headers for the client (hop-by-hop ones dropped) and whether it is SSE."""
-    headers: CIMultiDict[str] = CIMultiDict()
+def response_headers(raw: Headers, extra: Mapping[str, str] | None) -> tuple[Headers, bool]:
+    """The engine's response headers for the client (hop-by-hop ones dropped) and whether it is SSE.
+
+    The server adds the request id, Date, and the framing (Content-Length or chunked) itself.
+    """
+    headers: Headers = []
     sse = False
-    for rname, rvalue in raw:
-        name = rname.decode("latin-1")
+    for name, value in raw:
         lname = name.lower()
         if lname in DROP_RESPONSE_HEADERS:
             continue
-        value = rvalue.decode("latin-1")
-        if lname == "content-type" and value.startswith("text/event-stream"):
+        if lname == b"content-type" and value.startswith(b"text/event-stream"):
             sse = True
-        headers.add(name, value)
-    headers["X-Request-Id"] = request_id
+        headers.append((name, value))
     if extra:
-        headers.update(extra)
+        headers.extend((k.encode("latin-1"), v.encode("latin-1")) for k, v in extra.items())
     return headers, sse
 
 
@@ -153,14 +153,14 @@ class Forwarder:
         self.in_flight = InFlight()
         self.on_retry = on_retry
 
-    async def forward(self, request: web.Request, path: str, body: bytes, candidates: tuple[Endpoint, ...],
-                      request_id: str, on_result: OnResult | None = None,
-                      exchange: Exchange | None = None) -> web.StreamResponse:
+    async def forward(self, request: Request, response: Response, path: str, body: bytes,
+                      candidates: tuple[Endpoint, ...], on_result: OnResult | None = None,
+                      exchange: Exchange | None = None) -> None:
         """Answer ``request`` from one of ``candidates``; raises GatewayError when none can."""
         ex = exchange if exchange is not None else Exchange(time.monotonic())
         if not candidates:
             raise NoCapacity("no ready instance of this model right now; retry shortly")
-        headers = upstream_headers(request, request_id)
+        headers = upstream_headers(request)
         tried: set[str] = set()
         last_error: GatewayError = UpstreamFailed("no instance could be reached")
         attempts = min(self.settings.max_attempts, len(candidates))
@@ -199,18 +199,17 @@ class Forwarder:
                 on_result(ep, None if upstream.status < 500 else f"HTTP {upstream.status}")
             ex.instance_id = ep.instance_id
             try:
-                return await self._relay(request, upstream, request_id, ex)
+                return await self._relay(response, upstream, ex)
             finally:
                 self.in_flight.release(ep)
         raise last_error
 
-    async def _relay(self, request: web.Request, upstream: UpstreamResponse,
-                     request_id: str, ex: Exchange) -> web.StreamResponse:
+    async def _relay(self, response: Response, upstream: UpstreamResponse, ex: Exchange) -> None:
         """Copy status, headers and body to the client, chunk by chunk as they arrive."""
         completed = False
         stall = self.settings.stall_timeout_s
         try:
-            headers, sse = response_headers(upstream.headers, request_id, ex.extra_headers)
+            headers, sse = response_headers(upstream.headers, ex.extra_headers)
             length = upstream.content_length
             tap = ex.tap = StreamTap(ex.started, strip_usage=ex.strip_usage, field=ex.token_field) if sse else None
             if length is not None and length <= 1 << 20:
@@ -224,11 +223,11 @@ class Forwarder:
                     ex.usage = tap.usage()
                 elif upstream.status < 400 and b'"usage"' in data:
                     ex.usage = usage_from_body(data)
-                return web.Response(status=upstream.status, body=data, headers=headers)
-            resp = web.StreamResponse(status=upstream.status, headers=headers)
-            if length is not None and not (tap is not None and ex.strip_usage):
-                resp.content_length = length
-            await resp.prepare(request)
+                response.send(upstream.status, headers, data)
+                return
+            if length is not None and tap is not None and ex.strip_usage:
+                length = None  # the tap may take the usage event out: the length is no longer known
+            response.start(upstream.status, headers, length)
             tail = b""
             while True:
                 try:
@@ -248,21 +247,19 @@ class Forwarder:
                         continue
                 elif upstream.status < 400:
                     tail = chunk[-TAIL_BYTES:] if len(chunk) >= TAIL_BYTES else (tail + chunk)[-TAIL_BYTES:]
-                await resp.write(chunk)
+                await response.write(chunk)
             if tap is not None:
                 rest = tap.finish()
                 if rest:
-                    await resp.write(rest)
+                    await response.write(rest)
                 ex.usage = tap.usage()
             elif tail:
                 ex.usage = usage_from_tail(tail)
             ex.completed = completed
             if completed:
-                await resp.write_eof()
-            elif request.transport is not None:
-                # Cut the client's connection rather than pretending the stream ended cleanly.
-                request.transport.close()
-            return resp
+                response.end()
+            else:
+                response.abort()  # rather than pretending the stream ended cleanly
         finally:
             if completed:
                 upstream.release()

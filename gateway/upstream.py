@@ -284,14 +284,14 @@ class UpstreamPool:
             self._hosts[base_url] = hit
         return hit
 
-    async def request(self, base_url: str, path: str, headers: Iterable[tuple[str, str]], body: bytes,
+    async def request(self, base_url: str, path: str, headers: Iterable[tuple[bytes, bytes]], body: bytes,
                       first_byte_timeout_s: float) -> UpstreamResponse:
         """POST ``body`` to ``base_url + path``; returns once the response headers arrived."""
         key, host = self._target(base_url)
         head = [b"POST ", path.encode("ascii"), b" HTTP/1.1\r\nHost: ", host,
                 b"\r\nContent-Length: ", str(len(body)).encode(), b"\r\n"]
         for name, value in headers:
-            head.append(f"{name}: {value}\r\n".encode("latin-1"))
+            head.append(b"%s: %s\r\n" % (name, value))
         head.append(b"\r\n")
         payload = b"".join(head) + body
         for _ in range(2):

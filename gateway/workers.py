@@ -3,12 +3,12 @@
     ctl gateway --workers N
       parent ── anchor socket: bound (SO_REUSEPORT), never listening: claims the port, fails fast
         │       if it is taken, and never receives a connection
-        ├─ fork ▶ worker 0: own socket + own app (build_app) + own uvloop loop; it listens once
+        ├─ fork ▶ worker 0: own socket + own Gateway + own uvloop loop; it listens once
         │                   its routing table is loaded, so it never answers 404 for a model
         ├─ fork ▶ worker 1: …                   the kernel spreads new connections over the
         │                                        listening sockets by a hash of the 4-tuple
         ├─ a worker exits while serving ─▶ fork a replacement after a backoff (0.5 s … 30 s)
-        └─ SIGTERM / SIGINT ─▶ forwarded to every worker, which drains (aiohttp graceful shutdown);
+        └─ SIGTERM / SIGINT ─▶ forwarded to every worker, which drains (Gateway.stop);
                                the parent exits when all are gone. A second signal is forwarded
                                too and cuts the drain short; past the drain deadline: SIGKILL.
 
@@ -39,10 +39,9 @@ from dataclasses import dataclass
 from multiprocessing.process import BaseProcess
 
 import structlog
-from aiohttp import web
 
 from controlplane.procs import exit_watchdog, set_parent_death_signal
-from gateway.app import GATEWAY, GatewayConfig, build_app
+from gateway.app import Gateway, GatewayConfig
 
 log = structlog.get_logger(__name__)
 
@@ -101,41 +100,52 @@ def bind_socket(host: str, port: int, *, reuse_port: bool, listen: bool, backlog
 
 def serve_in_process(config: GatewayConfig, sock: socket.socket, shutdown_timeout: float,
                      listen_after_load_s: float = 0.0) -> None:
-    """Serve ``sock`` with one gateway app on a fresh uvloop loop until SIGTERM/SIGINT.
+    """Serve ``sock`` with one gateway on a fresh uvloop loop until SIGTERM/SIGINT, then drain.
 
     With ``listen_after_load_s`` > 0, ``sock`` must be bound but not listening: it starts to
     listen once the routing table is loaded from etcd (or after that many seconds), so a worker
-    that joins running siblings never answers 404 for models they route.
+    that joins running siblings never answers 404 for models they route. A second signal cuts
+    the drain short.
     """
-    loop: asyncio.AbstractEventLoop
     try:
         import uvloop
 
-        loop = uvloop.new_event_loop()
+        runner = uvloop.run
     except ImportError:  # pragma: no cover - non-Linux
-        loop = asyncio.new_event_loop()
-    app = build_app(config)
-    if listen_after_load_s > 0:
-        # on_startup hooks run after cleanup_ctx (the etcd watches) has started, before the site
-        # starts; SockSite's create_server then calls listen() on the socket.
-        app.on_startup.append(lambda a: _table_loaded(a, listen_after_load_s))
-    # After the drain and the etcd/usage teardown (cleanup_ctx runs first): exit even if gRPC's hangs.
-    app.on_cleanup.append(_arm_exit_watchdog)
-    web.run_app(app, sock=sock, loop=loop, print=None, access_log=None, handler_cancellation=True,
-                shutdown_timeout=shutdown_timeout)
-
-
-async def _arm_exit_watchdog(app: web.Application) -> None:
+        runner = asyncio.run
+    runner(_serve(config, sock, shutdown_timeout, listen_after_load_s))
+    # Drained, and the etcd/usage teardown is done: exit even if gRPC's pollers hang at exit.
     exit_watchdog(10.0, 0)
 
 
-async def _table_loaded(app: web.Application, timeout_s: float) -> None:
-    deadline = time.monotonic() + timeout_s
-    gw = app[GATEWAY]
-    while not gw.table.loaded and time.monotonic() < deadline:
-        await asyncio.sleep(0.02)
-    if not gw.table.loaded:
-        log.warning("routing table not loaded yet; listening anyway", waited_s=timeout_s)
+async def _serve(config: GatewayConfig, sock: socket.socket, shutdown_timeout: float,
+                 listen_after_load_s: float) -> None:
+    loop = asyncio.get_running_loop()
+    stop, hurry = asyncio.Event(), asyncio.Event()
+
+    def on_signal(name: str) -> None:
+        if stop.is_set():
+            log.info("stop signal again; cutting the drain short", signal=name)
+            hurry.set()
+        stop.set()
+
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, on_signal, sig.name)
+    gateway = Gateway(config)
+    await gateway.start(sock, listen_after_load_s)
+    await stop.wait()
+    log.info("draining", timeout_s=shutdown_timeout)
+    drain = asyncio.create_task(gateway.stop(shutdown_timeout))
+    hurried = asyncio.create_task(hurry.wait())
+    await asyncio.wait([drain, hurried], return_when=asyncio.FIRST_COMPLETED)
+    hurried.cancel()
+    if not drain.done():
+        drain.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await drain
+        await gateway.stop(0)
+    else:
+        drain.result()
 
 
 def run_gateway(config: GatewayConfig, host: str, port: int, workers: int = 1, shutdown_timeout: float = 30.0) -> int:

@@ -3,19 +3,22 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
+import socket
 import subprocess
 import sys
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from pathlib import Path
 from typing import TypeVar
 
 from controlplane.netutil import free_port
 from controlplane.pb import InstanceRecord, InstanceState
 from controlplane.procs import spawn, stop
+from gateway.app import Gateway, GatewayConfig
 
 T = TypeVar("T")
 CTL = [sys.executable, "-m", "controlplane.cli.main"]
@@ -114,3 +117,16 @@ def stop_all(procs: Sequence[subprocess.Popen[bytes]]) -> None:
     """Stop processes (TERM, then KILL)."""
     for p in procs:
         stop(p, timeout=10)
+
+
+@contextlib.asynccontextmanager
+async def gateway_in_process(config: GatewayConfig) -> AsyncIterator[tuple[Gateway, str]]:
+    """A Gateway serving a free loopback port in this process (its URL), drained when the block ends."""
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    gw = Gateway(config)
+    await gw.start(sock)
+    try:
+        yield gw, f"http://127.0.0.1:{sock.getsockname()[1]}"
+    finally:
+        await gw.stop(5)

@@ -17,18 +17,16 @@ from pathlib import Path
 import aiohttp
 import orjson
 import pytest
-from aiohttp import web
 from multidict import CIMultiDict
 
 from controlplane.etcdproc import EtcdProcess
 from controlplane.keys import Keys, decode
-from controlplane.netutil import free_port
 from controlplane.pb import ApiKey, Demand, ModelAccess, ModelSpec, Usage
 from controlplane.store import EtcdConfig, EtcdStore
-from gateway.app import GATEWAY, Gateway, GatewayConfig, build_app
+from gateway.app import Gateway, GatewayConfig
 from gateway.auth import key_hash, new_api_key
 from gateway.fleet import FleetSettings
-from tests.cluster import Sim, eventually, instance_record
+from tests.cluster import Sim, eventually, gateway_in_process, instance_record
 
 FAST = FleetSettings(lease_ttl_s=4, demand_interval_s=0.2, usage_flush_s=0.2)
 
@@ -64,19 +62,9 @@ async def http() -> AsyncIterator[aiohttp.ClientSession]:
 @asynccontextmanager
 async def gateway(store: EtcdStore, *, auth: bool = True) -> AsyncIterator[tuple[Gateway, str]]:
     """One gateway on a free loopback port, until the block ends (then its lease is revoked)."""
-    cfg = GatewayConfig(etcd=store.config, auth=auth, fleet=FAST)
-    app = build_app(cfg)
-    runner = web.AppRunner(app, handler_cancellation=True, access_log=None)
-    await runner.setup()
-    port = free_port()
-    await web.TCPSite(runner, "127.0.0.1", port).start()
-    url = f"http://127.0.0.1:{port}"
-    gw = app[GATEWAY]
-    try:
+    async with gateway_in_process(GatewayConfig(etcd=store.config, auth=auth, fleet=FAST)) as (gw, url):
         await eventually(lambda: _ready(gw), what="routing table loaded")
         yield gw, url
-    finally:
-        await runner.cleanup()
 
 
 async def _ready(gw: Gateway) -> bool:

@@ -18,18 +18,16 @@ from typing import Any
 import aiohttp
 import openai
 import pytest
-from aiohttp import web
 from openai import AsyncOpenAI
 from pydantic import BaseModel
 
 from controlplane.etcdproc import EtcdProcess
 from controlplane.keys import Keys
-from controlplane.netutil import free_port
 from controlplane.pb import ApiKey
 from controlplane.store import EtcdConfig, EtcdStore
-from gateway.app import FORWARDED_ROUTES, GATEWAY, Gateway, GatewayConfig, build_app
+from gateway.app import FORWARDED_ROUTES, Gateway, GatewayConfig
 from gateway.auth import key_hash, new_api_key
-from tests.cluster import Sim, eventually, instance_record
+from tests.cluster import Sim, eventually, gateway_in_process, instance_record
 
 MODEL = "routes-model"
 EMBED_DIM = 16
@@ -70,19 +68,14 @@ async def env(etcd_server: EtcdProcess, sims: list[Sim]) -> AsyncIterator[Env]:
         await store.put(keys.instance(MODEL, rec.instance_id), rec.SerializeToString())
     key = new_api_key()
     await store.put(keys.api_key(key_hash(key)), ApiKey(key_id=key_hash(key)[:8], owner="ann").SerializeToString())
-    app = build_app(GatewayConfig(etcd=store.config, auth=True))
-    runner = web.AppRunner(app, handler_cancellation=True, access_log=None)
-    await runner.setup()
-    port = free_port()
-    await web.TCPSite(runner, "127.0.0.1", port).start()
-    e = Env(f"http://127.0.0.1:{port}", key, sims[0])
-    try:
-        await eventually(lambda: _ready(app[GATEWAY], len(sims)), what="routing table and keys loaded")
-        yield e
-    finally:
-        await e.close()
-        await runner.cleanup()
-        await store.close()
+    async with gateway_in_process(GatewayConfig(etcd=store.config, auth=True)) as (gw, url):
+        e = Env(url, key, sims[0])
+        try:
+            await eventually(lambda: _ready(gw, len(sims)), what="routing table and keys loaded")
+            yield e
+        finally:
+            await e.close()
+    await store.close()
 
 
 async def _ready(gw: Gateway, instances: int) -> bool:

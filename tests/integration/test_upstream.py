@@ -71,7 +71,7 @@ async def test_body_headers_and_keepalive_reuse() -> None:
     pool = UpstreamPool()
     try:
         for i in range(5):
-            resp = await pool.request(url, "/echo", [("X-Foo", "bar"), ("Content-Type", "text/plain")],
+            resp = await pool.request(url, "/echo", [(b"X-Foo", b"bar"), (b"Content-Type", b"text/plain")],
                                       f"hello {i}".encode(), first_byte_timeout_s=5)
             assert resp.status == 200
             assert (b"X-Seen-Foo", b"bar") in resp.headers

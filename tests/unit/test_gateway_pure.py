@@ -7,7 +7,6 @@ import random
 from collections import Counter
 
 import pytest
-from aiohttp.test_utils import make_mocked_request
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from multidict import CIMultiDict
@@ -18,8 +17,9 @@ from controlplane.store import Change, Changes, KeyValue, Resync
 from gateway.auth import ANONYMOUS, KeyTable, Principal, check_model_access, key_hash, new_api_key
 from gateway.ejection import Ejections
 from gateway.errors import BadRequest, Forbidden, Unauthorized
-from gateway.proxy import parse_model, upstream_headers
+from gateway.proxy import parse_model, response_headers, upstream_headers
 from gateway.routing import pick
+from gateway.server import Request
 from gateway.table import Endpoint, RoutingTable
 
 READY, STARTING, DRAINING, FAILED = (InstanceState.READY, InstanceState.STARTING, InstanceState.DRAINING,
@@ -429,23 +429,37 @@ def test_parse_model_ok() -> None:
 
 
 def test_upstream_headers_drop_credentials_and_hop_by_hop() -> None:
-    headers = CIMultiDict([
+    headers = [(n.encode(), v.encode()) for n, v in [
         ("Authorization", "Bearer mp-secret"), ("Connection", "keep-alive"), ("Keep-Alive", "timeout=5"),
         ("Transfer-Encoding", "chunked"), ("Host", "gateway:8080"), ("Content-Length", "12"),
         ("Cookie", "session=1"), ("Proxy-Authorization", "Basic x"), ("TE", "trailers"), ("Upgrade", "h2c"),
         ("Content-Type", "application/json"), ("Accept", "text/event-stream"), ("X-Trace", "t1"),
         ("X-Trace", "t2"), ("X-Request-Id", "client-chosen"), ("User-Agent", "OpenAI/Python 1.54.0"),
-    ])
-    request = make_mocked_request("POST", "/v1/chat/completions", headers=headers)
-    out = CIMultiDict(upstream_headers(request, "req-123"))
+        ("expect", "100-continue"),
+    ]]
+    request = Request("POST", b"/v1/chat/completions", headers, http10=False, keep_alive=True)
+    request.id = "req-123"
+    out = CIMultiDict((n.decode(), v.decode()) for n, v in upstream_headers(request))
     lowered = {k.lower() for k in out}
     for dropped in ("authorization", "connection", "keep-alive", "transfer-encoding", "host", "content-length",
-                    "cookie", "proxy-authorization", "te", "upgrade"):
+                    "cookie", "proxy-authorization", "te", "upgrade", "expect"):
         assert dropped not in lowered, dropped
     assert out["Content-Type"] == "application/json" and out["Accept"] == "text/event-stream"
     assert out.getall("X-Trace") == ["t1", "t2"]
     assert out.getall("x-request-id") == ["req-123"]
     assert out["User-Agent"] == "OpenAI/Python 1.54.0"
+
+
+def test_response_headers_drop_hop_by_hop_and_the_engines_request_id() -> None:
+    raw = [(b"content-type", b"text/event-stream; charset=utf-8"), (b"Transfer-Encoding", b"chunked"),
+           (b"Date", b"x"), (b"server", b"uvicorn"), (b"x-request-id", b"engine-side"), (b"X-Engine", b"vllm"),
+           (b"Connection", b"keep-alive"), (b"content-length", b"10")]
+    out, sse = response_headers(raw, {"x-ratelimit-remaining-requests": "9"})
+    assert sse
+    assert out == [(b"content-type", b"text/event-stream; charset=utf-8"), (b"X-Engine", b"vllm"),
+                   (b"x-ratelimit-remaining-requests", b"9")]
+    assert response_headers([(b"Content-Type", b"application/json")], None) == \
+        ([(b"Content-Type", b"application/json")], False)
 
 
 # -- parse_in_flight -------------------------------------------------------------------------------
