@@ -11,6 +11,7 @@ import os
 import sys
 import time
 from collections.abc import Callable
+from typing import BinaryIO
 
 import orjson
 import structlog
@@ -28,6 +29,7 @@ def configure_logging(level: str | None = None, fmt: str | None = None, componen
     ]
     if component:
         structlog.contextvars.bind_contextvars(component=component)
+    _json_info_stream[0] = None
     renderer: structlog.types.Processor
     factory: structlog.types.WrappedLogger
     binary = getattr(sys.stderr, "buffer", None)
@@ -41,6 +43,8 @@ def configure_logging(level: str | None = None, fmt: str | None = None, componen
         # orjson renders bytes straight to the stream: a gateway logs one line per request.
         renderer = structlog.processors.JSONRenderer(serializer=_orjson_dumps)
         factory = structlog.BytesLoggerFactory(binary)
+        if numeric <= logging.INFO:
+            _json_info_stream[0] = binary
     structlog.configure(
         processors=[*shared, structlog.processors.format_exc_info, renderer],
         wrapper_class=structlog.make_filtering_bound_logger(numeric),
@@ -51,6 +55,18 @@ def configure_logging(level: str | None = None, fmt: str | None = None, componen
                         format="%(levelname)s %(name)s: %(message)s")
 
 
+_json_info_stream: list[BinaryIO | None] = [None]
+
+
+def json_info_stream() -> BinaryIO | None:
+    """The binary stream JSON log lines go to, when logging is JSON at info level or lower.
+
+    For writers of high-volume info lines (the gateway's access log) that render their own
+    JSON lines in the same shape; None when lines must go through structlog instead.
+    """
+    return _json_info_stream[0]
+
+
 def _orjson_dumps(obj: object, default: Callable[[object], object] | None = None) -> bytes:
     return orjson.dumps(obj, default=default or str, option=orjson.OPT_NON_STR_KEYS)
 
@@ -58,12 +74,17 @@ def _orjson_dumps(obj: object, default: Callable[[object], object] | None = None
 _second: list[object] = [-1, ""]   # the last whole second formatted, and its text
 
 
-def _iso_utc_timestamp(_: object, __: str, event_dict: structlog.types.EventDict) -> structlog.types.EventDict:
-    """``timestamp`` as structlog's TimeStamper(fmt="iso", utc=True) writes it, formatting each
-    second once (a gateway logs a line per request)."""
+def iso_utc_now() -> str:
+    """Now as structlog's TimeStamper(fmt="iso", utc=True) writes it, formatting each second once."""
     now = time.time()
     sec = int(now)
     if _second[0] != sec:
         _second[0], _second[1] = sec, time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(sec))
-    event_dict["timestamp"] = f"{_second[1]}.{int((now - sec) * 1e6):06d}Z"
+    return f"{_second[1]}.{int((now - sec) * 1e6):06d}Z"
+
+
+def _iso_utc_timestamp(_: object, __: str, event_dict: structlog.types.EventDict) -> structlog.types.EventDict:
+    """``timestamp`` as structlog's TimeStamper(fmt="iso", utc=True) writes it, formatting each
+    second once (a gateway logs a line per request)."""
+    event_dict["timestamp"] = iso_utc_now()
     return event_dict

@@ -12,7 +12,7 @@ being routed on the last table (fail static); ``/readyz`` and the
             ─▶ READY? (503) ─▶ forward (affinity / P2C, retries) ─▶ usage, tokens, access log
 
 Every log line of a request carries its ``request_id`` (structlog contextvars), and each
-forwarded request ends with one ``request`` line at info level.
+forwarded request ends with one ``request`` line at info level (batched: gateway/accesslog.py).
 """
 
 from __future__ import annotations
@@ -31,6 +31,7 @@ from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 from controlplane.keys import Keys
 from controlplane.store import EtcdConfig, EtcdStore, watch_prefix
+from gateway.accesslog import FLUSH_S, AccessLog
 from gateway.auth import ANONYMOUS, KeyTable, ModelAccessTable, Principal, check_model_access
 from gateway.ejection import Ejections
 from gateway.errors import GatewayError, ModelNotFound, NoCapacity, RateLimited
@@ -102,6 +103,7 @@ class Gateway:
         self.worker_metrics: WorkerMetrics | None = None
         self.started = time.time()
         self.server: HttpServer | None = None
+        self.access_log = AccessLog()
         self._background: contextlib.AsyncExitStack | None = None
 
     # -- lifecycle ---------------------------------------------------------------------------
@@ -153,7 +155,8 @@ class Gateway:
         self.metrics.bind(self)
         tasks = [asyncio.create_task(self._watch(store, self.keys.instances, self._on_instances),
                                      name="watch-instances"),
-                 asyncio.create_task(self._watch(store, self.keys.models, self.access.apply), name="watch-models")]
+                 asyncio.create_task(self._watch(store, self.keys.models, self.access.apply), name="watch-models"),
+                 asyncio.create_task(self._flush_access_log(), name="access-log")]
         if self.config.auth:
             tasks.append(asyncio.create_task(self._watch(store, self.keys.api_keys, self._on_keys),
                                              name="watch-keys"))
@@ -177,6 +180,12 @@ class Gateway:
             await self.fleet.close()
             pool.close()
             await store.close()
+            self.access_log.flush()
+
+    async def _flush_access_log(self) -> None:
+        while True:
+            await asyncio.sleep(FLUSH_S)
+            self.access_log.flush()
 
     async def _watch(self, store: EtcdStore, prefix: str, apply: Callable[..., None]) -> None:
         async for update in watch_prefix(store, prefix, on_connectivity=self._on_connectivity):
@@ -238,8 +247,8 @@ class Gateway:
             response.status = err.status
             raise
         finally:
-            self._finished(principal, model or UNKNOWN_MODEL, request.path, response.status or 499, started, ex,
-                           counted, arrived)
+            self._finished(request.id, principal, model or UNKNOWN_MODEL, request.path, response.status or 499,
+                           started, ex, counted, arrived)
 
     def _admit(self, principal: Principal, now: float) -> dict[str, str] | None:
         """Take the request from the key's rate limits; RateLimited (429) when over."""
@@ -256,7 +265,7 @@ class Gateway:
                               headers=verdict.headers)
         return verdict.headers or None
 
-    def _finished(self, principal: Principal, model: str, route: str, status: int, started: float,
+    def _finished(self, request_id: str, principal: Principal, model: str, route: str, status: int, started: float,
                   ex: Exchange | None, counted: bool, arrived: bool) -> None:
         """Book-keeping after the response ended (or failed): metrics, usage, demand, limits, log."""
         now = time.monotonic()
@@ -273,10 +282,11 @@ class Gateway:
                 self.limiter.charge_tokens(principal.record, usage.total, now)
         if ex is not None and ex.tap is not None and status < 400:
             self.metrics.observe_stream(model, ex.tap)
-        log.info("request", model=model, route=route, status=status, key=principal.key_id,
-                 instance=ex.instance_id if ex is not None else "", duration_ms=round((now - started) * 1000, 1),
-                 prompt_tokens=usage.prompt_tokens if usage else None,
-                 completion_tokens=usage.completion_tokens if usage else None)
+        self.access_log.request(request_id, model=model, route=route, status=status, key=principal.key_id,
+                                instance=ex.instance_id if ex is not None else "",
+                                duration_ms=round((now - started) * 1000, 1),
+                                prompt_tokens=usage.prompt_tokens if usage else None,
+                                completion_tokens=usage.completion_tokens if usage else None)
 
     def _on_upstream_result(self, ep: Endpoint, failure: str | None) -> None:
         if failure is None:

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 from bisect import bisect_left
 from collections.abc import Iterator, Sequence
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
-from prometheus_client.core import HistogramMetricFamily, Metric
+from prometheus_client import CollectorRegistry, Counter, Gauge, generate_latest
+from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from prometheus_client.utils import floatToGoString
 
@@ -18,6 +18,7 @@ if TYPE_CHECKING:
 # The model label of requests for models the gateway does not know: clients choose the body's
 # "model", and one series per made-up name would let them grow /metrics without bound.
 UNKNOWN_MODEL = "_unknown"
+_STATUS = {code: str(code) for code in range(100, 600)}
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
 # vLLM's buckets for time to first token and time per output token
 TTFT_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0,
@@ -26,37 +27,66 @@ ITL_BUCKETS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4,
 
 
 class WeightedHistogram:
-    """A histogram by model whose ``observe`` takes a weight: k equal gaps cost one call, not k.
+    """A labelled histogram whose ``observe`` takes a weight: k equal gaps cost one call, not k.
 
-    A streamed chunk often carries several token events; prometheus_client's Histogram would
-    need one locked call per event, this needs one bisect per chunk.
+    Lock-free (a gateway process is one event loop) and one bisect per call: prometheus_client's
+    Histogram takes a lock and walks the buckets, and would need one call per token event.
+    ``labels`` is the label value (one label) or a tuple of them, in ``labelnames`` order.
     """
 
-    def __init__(self, name: str, documentation: str, buckets: Sequence[float], registry: CollectorRegistry) -> None:
+    def __init__(self, name: str, documentation: str, buckets: Sequence[float], registry: CollectorRegistry,
+                 labelnames: Sequence[str] = ("model",)) -> None:
         self._name = name
         self._doc = documentation
+        self._labelnames = list(labelnames)
         self._bounds = tuple(buckets)
-        self._series: dict[str, tuple[list[int], list[float]]] = {}
+        self._series: dict[str | tuple[str, ...], tuple[list[int], list[float]]] = {}
         registry.register(self)  # type: ignore[arg-type]
 
-    def observe(self, model: str, value: float, weight: int = 1) -> None:
+    def observe(self, labels: str | tuple[str, ...], value: float, weight: int = 1) -> None:
         """Count ``weight`` observations of ``value``."""
-        series = self._series.get(model)
+        series = self._series.get(labels)
         if series is None:
-            series = self._series[model] = ([0] * (len(self._bounds) + 1), [0.0])
+            series = self._series[labels] = ([0] * (len(self._bounds) + 1), [0.0])
         series[0][bisect_left(self._bounds, value)] += weight
         series[1][0] += value * weight
 
     def collect(self) -> Iterator[Metric]:
         """The Prometheus samples (cumulative buckets, +Inf, sum, count)."""
-        family = HistogramMetricFamily(self._name, self._doc, labels=["model"])
-        for model, (counts, total) in self._series.items():
+        family = HistogramMetricFamily(self._name, self._doc, labels=self._labelnames)
+        for labels, (counts, total) in self._series.items():
             running, buckets = 0, []
             for bound, count in zip((*self._bounds, float("inf")), counts, strict=True):
                 running += count
                 buckets.append((floatToGoString(bound), float(running)))
-            family.add_metric([model], buckets, total[0])
+            family.add_metric(_label_values(labels), buckets, total[0])
         yield family
+
+
+class LabelledCounter:
+    """A lock-free labelled counter (same exposition as prometheus_client's Counter, less ``_created``)."""
+
+    def __init__(self, name: str, documentation: str, labelnames: Sequence[str], registry: CollectorRegistry) -> None:
+        self._name = name
+        self._doc = documentation
+        self._labelnames = list(labelnames)
+        self.values: dict[str | tuple[str, ...], float] = {}
+        registry.register(self)  # type: ignore[arg-type]
+
+    def inc(self, labels: str | tuple[str, ...], amount: float = 1) -> None:
+        """Add ``amount`` to the series of ``labels``."""
+        self.values[labels] = self.values.get(labels, 0) + amount
+
+    def collect(self) -> Iterator[Metric]:
+        """The Prometheus samples."""
+        family = CounterMetricFamily(self._name, self._doc, labels=self._labelnames)
+        for labels, value in self.values.items():
+            family.add_metric(_label_values(labels), float(value))
+        yield family
+
+
+def _label_values(labels: str | tuple[str, ...]) -> list[str]:
+    return list(labels) if isinstance(labels, tuple) else [labels]
 
 
 class GatewayMetrics:
@@ -65,19 +95,17 @@ class GatewayMetrics:
 
     def __init__(self) -> None:
         self.registry = r = CollectorRegistry()
-        self._request_children: dict[tuple[str, str, int], tuple[Any, Any]] = {}
-        self._model_children: dict[str, tuple[Any, Any, Any]] = {}
-        self.requests = Counter("modelpool_gateway_requests", "Requests answered, by model, route and status",
-                                ["model", "route", "status"], registry=r)
-        self.duration = Histogram("modelpool_gateway_request_duration_seconds", "Time until the response ended",
-                                  ["model", "route"], buckets=LATENCY_BUCKETS, registry=r)
-        self.ttft = Histogram("modelpool_gateway_time_to_first_token_seconds",
-                              "Time from the request to the first streamed content event", ["model"],
-                              buckets=TTFT_BUCKETS, registry=r)
+        # Updated on every request: lock-free series (one event loop per process).
+        self.requests = LabelledCounter("modelpool_gateway_requests", "Requests answered, by model, route and status",
+                                        ["model", "route", "status"], r)
+        self.duration = WeightedHistogram("modelpool_gateway_request_duration_seconds",
+                                          "Time until the response ended", LATENCY_BUCKETS, r, ["model", "route"])
+        self.ttft = WeightedHistogram("modelpool_gateway_time_to_first_token_seconds",
+                                      "Time from the request to the first streamed content event", TTFT_BUCKETS, r)
         self.itl = WeightedHistogram("modelpool_gateway_inter_token_latency_seconds",
                                      "Gap between streamed content events", ITL_BUCKETS, r)
-        self.tokens = Counter("modelpool_gateway_tokens", "Tokens reported by engines' usage, by model and kind",
-                              ["model", "kind"], registry=r)
+        self.tokens = LabelledCounter("modelpool_gateway_tokens",
+                                      "Tokens reported by engines' usage, by model and kind", ["model", "kind"], r)
         self.ejections = Counter("modelpool_gateway_ejections", "Instances ejected after failures", ["model"],
                                  registry=r)
         self.retries = Counter("modelpool_gateway_retries", "Requests retried on another instance", registry=r)
@@ -101,39 +129,24 @@ class GatewayMetrics:
 
     def observe_request(self, model: str, route: str, status: int, seconds: float) -> None:
         """Count one finished request (``model`` must come from a bounded set: see UNKNOWN_MODEL)."""
-        key = (model, route, status)
-        children = self._request_children.get(key)
-        if children is None:  # label lookups cost more than the update; resolve once per series
-            children = self._request_children[key] = (self.requests.labels(model, route, str(status)),
-                                                      self.duration.labels(model, route))
-        children[0].inc()
-        children[1].observe(seconds)
+        self.requests.inc((model, route, _STATUS.get(status) or str(status)))
+        self.duration.observe((model, route), seconds)
 
     def observe_tokens(self, model: str, usage: TokenUsage) -> None:
         """Count the tokens of one response."""
-        children = self._per_model(model)
         if usage.prompt_tokens:
-            children[0].inc(usage.prompt_tokens)
+            self.tokens.inc((model, "prompt"), usage.prompt_tokens)
         if usage.completion_tokens:
-            children[1].inc(usage.completion_tokens)
+            self.tokens.inc((model, "completion"), usage.completion_tokens)
 
     def observe_stream(self, model: str, tap: StreamTap) -> None:
         """TTFT and inter-token gaps of one streamed response (after it ended, off the hot loop)."""
         ttft = tap.ttft
         if ttft is None:
             return
-        self._per_model(model)[2].observe(ttft)
+        self.ttft.observe(model, ttft)
         for gap, events in tap.gaps:
             self.itl.observe(model, gap, events)
-
-    def _per_model(self, model: str) -> tuple[Any, Any, Any]:
-        """(prompt tokens, completion tokens, TTFT) series of ``model``, resolved once."""
-        children = self._model_children.get(model)
-        if children is None:
-            children = self._model_children[model] = (self.tokens.labels(model, "prompt"),
-                                                      self.tokens.labels(model, "completion"),
-                                                      self.ttft.labels(model))
-        return children
 
     def render(self) -> tuple[bytes, str]:
         """The exposition text and its content type."""

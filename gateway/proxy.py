@@ -162,7 +162,7 @@ class Forwarder:
             raise NoCapacity("no ready instance of this model right now; retry shortly")
         headers = upstream_headers(request)
         tried: set[str] = set()
-        last_error: GatewayError = UpstreamFailed("no instance could be reached")
+        last_error: GatewayError | None = None
         attempts = min(self.settings.max_attempts, len(candidates))
         for attempt in range(attempts):
             ep = pick_affinity(candidates, self.in_flight.counts, ex.session, exclude=tried)
@@ -202,7 +202,7 @@ class Forwarder:
                 return await self._relay(response, upstream, ex)
             finally:
                 self.in_flight.release(ep)
-        raise last_error
+        raise last_error or UpstreamFailed("no instance could be reached")
 
     async def _relay(self, response: Response, upstream: UpstreamResponse, ex: Exchange) -> None:
         """Copy status, headers and body to the client, chunk by chunk as they arrive."""

@@ -26,7 +26,8 @@ HTTP behaviour:
   ``Connection: close``) up to a timeout, then cancels what is left.
 
 Every error leaves in the OpenAI envelope with the request id (``X-Request-Id``: the client's own
-when it sent one, else a random one), which every log line of the request carries.
+when it sent one, else a new one: a random per-process prefix and a counter), which every log
+line of the request carries.
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import http
+import itertools
 import os
 import socket
 import time
@@ -329,7 +331,7 @@ class HttpConnection(asyncio.Protocol):
                 item = self._queue[0]
                 if isinstance(item, _ParseFailure):
                     resp = Response(self, Request("GET", b"/", [], False, False))
-                    resp._request.id = os.urandom(16).hex()
+                    resp._request.id = new_request_id()
                     resp.send_error(BadRequest(item.message))
                     self._close()
                     return
@@ -350,7 +352,7 @@ class HttpConnection(asyncio.Protocol):
             self.server._request_done()
 
     async def _answer(self, req: Request) -> None:
-        req.id = req.header(b"x-request-id") or os.urandom(16).hex()
+        req.id = req.header(b"x-request-id") or new_request_id()
         structlog.contextvars.bind_contextvars(request_id=req.id)
         resp = Response(self, req)
         try:
@@ -504,6 +506,23 @@ def _raiser(err: GatewayError) -> Handler:
         raise err
     return handler
 
+
+class _RequestIds:
+    """32 hex digits: 16 random per process, then a counter (unique without a syscall per request)."""
+
+    def __init__(self) -> None:
+        self.reset()
+        os.register_at_fork(after_in_child=self.reset)  # gateway workers are forked
+
+    def reset(self) -> None:
+        self.prefix = os.urandom(8).hex()
+        self.counter = itertools.count(1)
+
+    def __call__(self) -> str:
+        return f"{self.prefix}{next(self.counter):016x}"
+
+
+new_request_id = _RequestIds()
 
 _date_cache: tuple[int, bytes] = (0, b"")
 

@@ -243,7 +243,10 @@ class StreamTap:
     def _patterns_for(self, data: bytes, end: int) -> tuple[bytes, bytes]:
         patterns = self._patterns
         if patterns is None:
-            spaced = data.find(b'": ', 0, end) >= 0
+            # One serializer writes the whole stream: its first key tells compact from spaced. (A
+            # search for '": ' over a compact body would scan all of it, at every '"'.)
+            key_end = data.find(b'":', 0, end)
+            spaced = key_end >= 0 and data[key_end + 2:key_end + 3] == b" "
             patterns = self._patterns = _PATTERNS[(self.field, spaced)]
         return patterns
 

@@ -201,6 +201,29 @@ def test_weighted_itl_histogram_equals_one_observation_per_event() -> None:
     assert samples(mine) == samples(ref)
 
 
+def test_lock_free_series_expose_like_prometheus_client() -> None:
+    from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+
+    from gateway.metrics import LATENCY_BUCKETS, LabelledCounter, WeightedHistogram
+
+    mine, ref = CollectorRegistry(), CollectorRegistry()
+    hist = WeightedHistogram("dur_seconds", "d", LATENCY_BUCKETS, mine, ["model", "route"])
+    count = LabelledCounter("reqs", "r", ["model", "status"], mine)
+    plain_hist = Histogram("dur_seconds", "d", ["model", "route"], buckets=LATENCY_BUCKETS, registry=ref)
+    plain_count = Counter("reqs", "r", ["model", "status"], registry=ref)
+    for model, route, seconds, status in [("a", "/x", 0.003, "200"), ("a", "/x", 2.0, "200"), ("b", "/y", 0.1, "429"),
+                                          ("a", "/y", 400.0, "200")]:
+        hist.observe((model, route), seconds)
+        plain_hist.labels(model, route).observe(seconds)
+        count.inc((model, status))
+        plain_count.labels(model, status).inc()
+
+    def samples(reg: CollectorRegistry) -> list[bytes]:
+        return sorted(line for line in generate_latest(reg).splitlines() if b"_created" not in line)
+
+    assert samples(mine) == samples(ref)
+
+
 @pytest.mark.parametrize("strip", [False, True])
 @pytest.mark.parametrize("compact", [False, True])
 def test_a_body_read_at_once_gives_usage_and_first_token_but_no_gaps(strip: bool, compact: bool) -> None:
