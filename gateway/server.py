@@ -19,7 +19,7 @@ HTTP behaviour:
   closes: the rest of the body is never read); ``Expect: 100-continue`` is answered when the
   request's turn comes, or with the 413 instead.
 - responses of unknown length are chunked (close-delimited for HTTP/1.0 clients).
-- a client that goes away cancels its handler (the proxy then closes its upstream connection, so
+- a client that goes away (FIN or reset) cancels its handler (the proxy then closes its upstream connection, so
   the engine stops generating); a malformed request gets a 400 and the connection closes.
 - idle keep-alive connections close after ``keepalive_timeout_s``.
 - ``shutdown`` stops accepting, closes idle connections, lets every queued request finish (with
@@ -242,11 +242,10 @@ class HttpConnection(asyncio.Protocol):
             self._reject(f"malformed HTTP request: {exc}")
 
     def eof_received(self) -> bool:
-        # The client finished sending (half-close): answer what is queued, then close.
-        self.closing = True
-        if self._task is None:
-            self._close()
-        return True
+        # The client closed its side. HTTP clients do that when they give up (a timeout, Ctrl-C),
+        # so it counts as leaving: the transport closes and connection_lost cancels the handler,
+        # and with it the upstream request, as a reset would (half-closing clients are not served).
+        return False
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.server.connections.discard(self)
