@@ -114,8 +114,6 @@ def serve_in_process(config: GatewayConfig, sock: socket.socket, shutdown_timeou
     except ImportError:  # pragma: no cover - non-Linux
         runner = asyncio.run
     runner(_serve(config, sock, shutdown_timeout, listen_after_load_s))
-    # Drained, and the etcd/usage teardown is done: exit even if gRPC's pollers hang at exit.
-    exit_watchdog(10.0, 0)
 
 
 async def _serve(config: GatewayConfig, sock: socket.socket, shutdown_timeout: float,
@@ -146,6 +144,8 @@ async def _serve(config: GatewayConfig, sock: socket.socket, shutdown_timeout: f
         await gateway.stop(0)
     else:
         drain.result()
+    # Drained, and the etcd/usage teardown is done: exit even if loop teardown hangs in gRPC's pollers.
+    exit_watchdog(10.0, 0)
 
 
 def run_gateway(config: GatewayConfig, host: str, port: int, workers: int = 1, shutdown_timeout: float = 30.0) -> int:
