@@ -8,6 +8,8 @@
      ├── RouteNotFound     404  invalid_request_error (an unknown URL, worded as OpenAI words it)
      ├── MethodNotAllowed  405  invalid_request_error (with Allow)
      ├── PayloadTooLarge   413  invalid_request_error
+     ├── UriTooLong        414  invalid_request_error
+     ├── HeadersTooLarge   431  invalid_request_error
      ├── RateLimited       429  type "requests" | "tokens", code rate_limit_exceeded (with Retry-After),
      │                         as OpenAI answers a key over its RPM / TPM
      ├── NoCapacity        503  service_unavailable (no READY instance can take it)
@@ -65,6 +67,14 @@ class MethodNotAllowed(GatewayError):
 
 class PayloadTooLarge(GatewayError):
     status, type, code = 413, "invalid_request_error", "payload_too_large"
+
+
+class UriTooLong(GatewayError):
+    status, type, code = 414, "invalid_request_error", "uri_too_long"
+
+
+class HeadersTooLarge(GatewayError):
+    status, type, code = 431, "invalid_request_error", "headers_too_large"
 
 
 class RateLimited(GatewayError):

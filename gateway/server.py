@@ -17,7 +17,8 @@ HTTP behaviour:
   order; more than ``MAX_PIPELINED`` waiting requests pause reading from the socket.
 - request bodies by Content-Length or chunked, up to ``max_body_bytes`` (413, then the connection
   closes: the rest of the body is never read); ``Expect: 100-continue`` is answered when the
-  request's turn comes, or with the 413 instead.
+  request's turn comes, or with the 413 instead. Request heads are bounded too: a URL over
+  ``MAX_URL_BYTES`` gets 414, more than ``MAX_HEADERS`` headers or ``MAX_HEADER_BYTES`` of them 431.
 - responses of unknown length are chunked (close-delimited for HTTP/1.0 clients).
 - a client that goes away (FIN or reset) cancels its handler (the proxy then closes its upstream connection, so
   the engine stops generating); a malformed request gets a 400 and the connection closes.
@@ -46,11 +47,24 @@ import httptools
 import orjson
 import structlog
 
-from gateway.errors import BadRequest, GatewayError, MethodNotAllowed, PayloadTooLarge, RouteNotFound, error_body
+from gateway.errors import (
+    BadRequest,
+    GatewayError,
+    HeadersTooLarge,
+    MethodNotAllowed,
+    PayloadTooLarge,
+    RouteNotFound,
+    UriTooLong,
+    error_body,
+)
 
 log = structlog.get_logger(__name__)
 
 MAX_PIPELINED = 8            # requests waiting behind the one being answered before reading pauses
+MAX_URL_BYTES = 16 * 1024
+MAX_HEADERS = 128
+MAX_HEADER_BYTES = 64 * 1024     # names and values of one request
+MAX_HEAD_WAIT_BYTES = 1 << 20    # bytes received while no request head completes (one endless header)
 WRITE_HIGH_WATER = 256 * 1024
 
 Headers = list[tuple[bytes, bytes]]
@@ -192,12 +206,19 @@ class Response:
 
 
 class _ParseFailure:
-    """Queued in place of a request the parser rejected: answered (400) in turn, then the connection closes."""
+    """Queued in place of a request the parser rejected: answered in turn, then the connection closes."""
 
-    __slots__ = ("message",)
+    __slots__ = ("error",)
 
-    def __init__(self, message: str) -> None:
-        self.message = message
+    def __init__(self, error: GatewayError) -> None:
+        self.error = error
+
+
+class _HeadTooLarge(Exception):
+    """Raised from a parser callback to stop parsing a request head over the limits."""
+
+    def __init__(self, error: GatewayError) -> None:
+        self.error = error
 
 
 class HttpConnection(asyncio.Protocol):
@@ -213,6 +234,9 @@ class HttpConnection(asyncio.Protocol):
         self._parser = httptools.HttpRequestParser(self)
         self._url = b""
         self._headers: Headers = []
+        self._header_bytes = 0
+        self._head_wait = 0                      # bytes received since the last complete head
+        self._in_head = True
         self._current: Request | None = None     # being received
         self._queue: collections.deque[Request | _ParseFailure] = collections.deque()
         self._task: asyncio.Task[None] | None = None
@@ -237,9 +261,19 @@ class HttpConnection(asyncio.Protocol):
         try:
             self._parser.feed_data(data)
         except httptools.HttpParserUpgrade:
-            self._reject("protocol upgrades are not supported")
-        except httptools.HttpParserError as exc:
-            self._reject(f"malformed HTTP request: {exc}")
+            self._reject(BadRequest("protocol upgrades are not supported"))
+            return
+        except httptools.HttpParserError as exc:  # a callback's exception arrives as the context
+            over = exc.__context__
+            if isinstance(over, _HeadTooLarge):
+                self._reject(over.error)
+            else:
+                self._reject(BadRequest(f"malformed HTTP request: {exc}"))
+            return
+        # httptools keeps a header it has not seen the end of: bound what one head may take
+        self._head_wait = self._head_wait + len(data) if self._in_head else 0
+        if self._head_wait > MAX_HEAD_WAIT_BYTES:
+            self._reject(HeadersTooLarge(f"request head over {MAX_HEAD_WAIT_BYTES} bytes"))
 
     def eof_received(self) -> bool:
         # The client closed its side. HTTP clients do that when they give up (a timeout, Ctrl-C),
@@ -270,14 +304,24 @@ class HttpConnection(asyncio.Protocol):
     def on_message_begin(self) -> None:
         self._url = b""
         self._headers = []
+        self._header_bytes = 0
+        self._in_head = True
 
     def on_url(self, url: bytes) -> None:
         self._url += url
+        if len(self._url) > MAX_URL_BYTES:
+            raise _HeadTooLarge(UriTooLong(f"request URL over {MAX_URL_BYTES} bytes"))
 
     def on_header(self, name: bytes, value: bytes) -> None:
         self._headers.append((name, value))
+        self._header_bytes += len(name) + len(value)
+        if len(self._headers) > MAX_HEADERS or self._header_bytes > MAX_HEADER_BYTES:
+            raise _HeadTooLarge(HeadersTooLarge(
+                f"request headers over the limits ({MAX_HEADERS} headers, {MAX_HEADER_BYTES} bytes)"))
 
     def on_headers_complete(self) -> None:
+        self._in_head = False
+        self._head_wait = 0
         p = self._parser
         req = Request(p.get_method().decode("ascii", "replace"), self._url, self._headers,
                       p.get_http_version() == "1.0", p.should_keep_alive())
@@ -300,6 +344,7 @@ class HttpConnection(asyncio.Protocol):
             req._body_parts.append(body)
 
     def on_message_complete(self) -> None:
+        self._in_head = True
         req = self._current
         self._current = None
         if req is not None:
@@ -315,13 +360,13 @@ class HttpConnection(asyncio.Protocol):
         if self._task is None:
             self._task = self.loop.create_task(self._run())
 
-    def _reject(self, message: str) -> None:
+    def _reject(self, error: GatewayError) -> None:
         if self.transport is not None and not self._reading_paused:
             self._reading_paused = True
             self.transport.pause_reading()  # nothing after a parse error can be trusted
         self._current = None
         self.closing = True
-        self._enqueue(_ParseFailure(message))
+        self._enqueue(_ParseFailure(error))
 
     async def _run(self) -> None:
         """Answer queued requests in order; ends when the queue is empty (or the connection is)."""
@@ -331,7 +376,7 @@ class HttpConnection(asyncio.Protocol):
                 if isinstance(item, _ParseFailure):
                     resp = Response(self, Request("GET", b"/", [], False, False))
                     resp._request.id = new_request_id()
-                    resp.send_error(BadRequest(item.message))
+                    resp.send_error(item.error)
                     self._close()
                     return
                 await self._answer(item)

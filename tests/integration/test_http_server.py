@@ -8,6 +8,7 @@ Expect, HTTP/1.0, malformed input) is what is under test. Every wait is bounded.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import re
 import socket
 import struct
@@ -265,7 +266,7 @@ async def start_server() -> AsyncIterator[Callable[..., Awaitable[Served]]]:
 
     yield start
     for served in started:
-        await served.server.shutdown(0)
+        await asyncio.wait_for(served.server.shutdown(0), WAIT_S)
         for client in served.clients:
             client.writer.close()
     await asyncio.sleep(0)  # let the cut connections' cancelled tasks finish
@@ -292,6 +293,13 @@ async def test_keepalive_answers_two_requests_and_echoes_request_id(srv: Served)
     assert HEX32.fullmatch(third.header("x-request-id") or "")
     assert third.header("x-request-id") != second.header("x-request-id")
     assert len(srv.server.connections) == 1
+
+
+async def test_connection_close_request_is_answered_then_closed(srv: Served) -> None:
+    c = await srv.connect()
+    reply = await c.ask(build("GET", "/hello", headers=[("Connection", "close")]))
+    assert (reply.status, reply.body, reply.header("connection")) == (200, b"hello", "close")
+    await c.closed_by_server()
 
 
 # -- 2. pipelining ----------------------------------------------------------------------------
@@ -434,6 +442,41 @@ async def test_malformed_request_gets_400_then_close(srv: Served) -> None:
     assert str(err["message"]).startswith("malformed HTTP request")
     assert reply.header("connection") == "close"
     await c.closed_by_server()
+
+
+async def test_request_heads_over_the_limits_get_414_and_431_then_close(srv: Served) -> None:
+    from gateway.server import MAX_HEADER_BYTES, MAX_HEADERS, MAX_URL_BYTES
+
+    cases = [
+        (b"GET /" + b"a" * MAX_URL_BYTES + b" HTTP/1.1\r\nHost: x\r\n\r\n", 414),
+        (b"GET /ok HTTP/1.1\r\n" + b"".join(b"X-H%d: v\r\n" % i for i in range(MAX_HEADERS + 1)) + b"\r\n", 431),
+        (b"GET /ok HTTP/1.1\r\nX-Big: " + b"v" * MAX_HEADER_BYTES + b"\r\n\r\n", 431),
+    ]
+    for raw, status in cases:
+        c = await srv.connect()
+        await c.send(raw)
+        resp = await c.reply()
+        assert resp.status == status, (status, resp.status)
+        assert orjson.loads(resp.body)["error"]["type"] == "invalid_request_error"
+        await c.closed_by_server()
+
+
+async def test_a_head_that_never_ends_is_cut_off_at_the_limit(srv: Served) -> None:
+    from gateway.server import MAX_HEAD_WAIT_BYTES
+
+    c = await srv.connect()
+    await c.send(b"GET /ok HTTP/1.1\r\nX-Endless: ")
+    chunk = b"v" * 65536
+    sent = 0
+    with contextlib.suppress(ConnectionError, TimeoutError):
+        while sent < 8 * MAX_HEAD_WAIT_BYTES:
+            await c.send(chunk)
+            sent += len(chunk)
+    # The server answers 431 and closes with our bytes unread, so the client may see the reset
+    # before the answer (TCP drops what it had received); either way it stopped reading at the limit.
+    with contextlib.suppress(ConnectionResetError, asyncio.IncompleteReadError):
+        assert (await c.reply()).status == 431
+    assert sent < 8 * MAX_HEAD_WAIT_BYTES, "the server kept reading an endless request head"
 
 
 async def test_malformed_request_after_a_good_one_is_answered_in_turn(srv: Served) -> None:
