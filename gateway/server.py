@@ -22,7 +22,8 @@ HTTP behaviour:
 - responses of unknown length are chunked (close-delimited for HTTP/1.0 clients).
 - a client that goes away (FIN or reset) cancels its handler (the proxy then closes its upstream connection, so
   the engine stops generating); a malformed request gets a 400 and the connection closes.
-- idle keep-alive connections close after ``keepalive_timeout_s``.
+- idle keep-alive connections, and clients that stop sending a request midway, are closed after
+  ``keepalive_timeout_s`` of silence.
 - ``shutdown`` stops accepting, closes idle connections, lets every queued request finish (with
   ``Connection: close``) up to a timeout, then cancels what is left.
 
@@ -77,8 +78,8 @@ _JSON = (b"Content-Type", b"application/json")
 class Request:
     """One parsed request: method, path, raw headers (names as sent) and the whole body."""
 
-    __slots__ = ("_body_done", "_body_parts", "_index", "body", "body_size", "complete", "expect_continue",
-                 "headers", "http10", "id", "keep_alive", "method", "path", "query", "too_large")
+    __slots__ = ("_body_done", "_body_parts", "_index", "body", "body_size", "complete", "error",
+                 "expect_continue", "headers", "http10", "id", "keep_alive", "method", "path", "query", "too_large")
 
     def __init__(self, method: str, url: bytes, headers: Headers, http10: bool, keep_alive: bool) -> None:
         path, _, query = url.partition(b"?")
@@ -93,6 +94,7 @@ class Request:
         self.complete = False
         self.too_large = False
         self.id = ""
+        self.error: GatewayError | None = None   # the body could not be parsed (the connection closes)
         self._body_parts: list[bytes] = []
         self._body_done: asyncio.Future[None] | None = None
         self._index: dict[bytes, bytes] = {}
@@ -105,13 +107,11 @@ class Request:
         value = self._index.get(name)
         return value.decode("latin-1") if value is not None else None
 
-    async def read_body(self) -> bytes:
-        """The whole body (already there unless the client is still sending it)."""
-        if not self.complete:
-            if self._body_done is None:
-                self._body_done = asyncio.get_running_loop().create_future()
+    async def read_body(self) -> None:
+        """Wait until the body is complete, over the limit, or broken (``too_large`` / ``error``)."""
+        while not (self.complete or self.too_large or self.error):
+            self._body_done = asyncio.get_running_loop().create_future()
             await self._body_done
-        return self.body
 
     def _finish_body(self) -> None:
         parts = self._body_parts
@@ -128,12 +128,13 @@ class Request:
 class Response:
     """Writes one response on its connection: ``send`` a whole one, or ``start``/``write``/``end``."""
 
-    __slots__ = ("_chunked", "_conn", "_request", "ended", "started", "status")
+    __slots__ = ("_bodyless", "_chunked", "_conn", "_request", "ended", "started", "status")
 
     def __init__(self, conn: HttpConnection, request: Request) -> None:
         self._conn = conn
         self._request = request
         self._chunked = False
+        self._bodyless = request.method == "HEAD"   # headers as GET would send them, never a body
         self.status = 0
         self.started = False
         self.ended = False
@@ -154,7 +155,7 @@ class Response:
         if length is not None:
             out.append(b"Content-Length: %d\r\n" % length)
         elif not req.http10:
-            self._chunked = True
+            self._chunked = not self._bodyless
             out.append(b"Transfer-Encoding: chunked\r\n")
         if not keep:
             out.append(b"Connection: close\r\n")
@@ -166,7 +167,7 @@ class Response:
     def send(self, status: int, headers: Iterable[tuple[bytes, bytes]], body: bytes) -> None:
         """The whole response at once."""
         out = self._head(status, headers, len(body))
-        if self._request.method != "HEAD":
+        if not self._bodyless:
             out.append(body)
         self.ended = True
         self._conn.write(b"".join(out))
@@ -186,6 +187,8 @@ class Response:
 
     async def write(self, data: bytes) -> None:
         """Send body bytes, waiting while the client reads slower than we write."""
+        if self._bodyless:
+            return
         if self._chunked:
             self._conn.write(b"%x\r\n%s\r\n" % (len(data), data))
         else:
@@ -364,9 +367,13 @@ class HttpConnection(asyncio.Protocol):
         if self.transport is not None and not self._reading_paused:
             self._reading_paused = True
             self.transport.pause_reading()  # nothing after a parse error can be trusted
-        self._current = None
         self.closing = True
-        self._enqueue(_ParseFailure(error))
+        req, self._current = self._current, None
+        if req is not None and not req.complete:  # its body broke: it is answered with the error
+            req.error = error
+            req._wake()
+        else:
+            self._enqueue(_ParseFailure(error))
 
     async def _run(self) -> None:
         """Answer queued requests in order; ends when the queue is empty (or the connection is)."""
@@ -404,6 +411,8 @@ class HttpConnection(asyncio.Protocol):
                 if req.expect_continue:
                     self.write(b"HTTP/1.1 100 Continue\r\n\r\n")
                 await req.read_body()
+            if req.error is not None:
+                raise req.error  # the connection is closing (_reject)
             if req.too_large:
                 self.closing = True  # the rest of the body is never read
                 raise PayloadTooLarge(f"request body exceeds {self.server.max_body_bytes} bytes")
@@ -463,10 +472,16 @@ class HttpConnection(asyncio.Protocol):
         self._idle_timer = None
         if self.transport is None or self.transport.is_closing():
             return
-        if self._task is None and self.loop.time() - self._last_active >= self.server.keepalive_timeout_s:
-            self._close()  # idle keep-alive, or a client that never finished its request
+        if (self._task is None or self._awaiting_body()) and \
+                self.loop.time() - self._last_active >= self.server.keepalive_timeout_s:
+            self._close()  # idle keep-alive, or a client that stopped sending its request
             return
         self._arm_idle_timer()
+
+    def _awaiting_body(self) -> bool:
+        """The request being answered is still waiting for body bytes from the client."""
+        head = self._queue[0] if self._queue else None
+        return isinstance(head, Request) and not (head.complete or head.too_large or head.error)
 
     def shutdown(self) -> None:
         """Finish what is queued, then close; close at once when idle."""

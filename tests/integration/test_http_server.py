@@ -153,6 +153,13 @@ class Reply:
         return payload["error"]
 
 
+async def eventually_true(check: Callable[[], bool], what: str, within: float = 5.0) -> None:
+    deadline = asyncio.get_running_loop().time() + within
+    while not check():
+        assert asyncio.get_running_loop().time() < deadline, f"not within {within}s: {what}"
+        await asyncio.sleep(0.01)
+
+
 def build(method: str, target: str, *, headers: Iterable[tuple[str, str]] = (), body: bytes | None = None,
           version: str = "1.1") -> bytes:
     """Request bytes; a ``body`` gets a Content-Length unless ``headers`` frame it."""
@@ -429,6 +436,17 @@ async def test_head_on_a_get_route_has_content_length_but_no_body(srv: Served) -
     assert (after.status, after.body) == (200, b"hello")
 
 
+
+async def test_head_on_a_streaming_get_route_sends_no_body(srv: Served) -> None:
+    c = await srv.connect()
+    await c.send(build("HEAD", "/stream?n=3") + build("GET", "/hello"))
+    head = await c.reply(head=True)
+    assert head.status == 200 and head.header("transfer-encoding") == "chunked"
+    # a chunk of the streamed body here would be read as the next status line
+    after = await c.reply()
+    assert (after.status, after.body) == (200, b"hello")
+
+
 # -- 7. malformed requests ------------------------------------------------------------------
 
 
@@ -477,6 +495,15 @@ async def test_a_head_that_never_ends_is_cut_off_at_the_limit(srv: Served) -> No
     with contextlib.suppress(ConnectionResetError, asyncio.IncompleteReadError):
         assert (await c.reply()).status == 431
     assert sent < 8 * MAX_HEAD_WAIT_BYTES, "the server kept reading an endless request head"
+
+
+async def test_a_broken_chunked_body_gets_400_and_frees_the_connection(srv: Served) -> None:
+    c = await srv.connect()
+    await c.send(build("POST", "/echo", headers=[("Transfer-Encoding", "chunked")]) + b"3\r\nabc\r\nzz\r\n")
+    reply = await c.reply()
+    assert reply.status == 400 and "malformed HTTP request" in reply.error()["message"]
+    await c.closed_by_server()
+    await eventually_true(lambda: not srv.server.connections, "the connection is released")
 
 
 async def test_malformed_request_after_a_good_one_is_answered_in_turn(srv: Served) -> None:
@@ -632,6 +659,14 @@ async def test_idle_keepalive_connection_is_closed_after_the_timeout(start_serve
     assert loop.time() - answered >= 0.25        # the keep-alive timer, not an immediate close
     silent = await srv.connect()                # a connection that never sends anything
     await silent.closed_by_server(within=2.0)
+
+
+async def test_a_client_that_stops_sending_its_body_is_timed_out(start_server: Callable[..., Awaitable[Served]]
+                                                                   ) -> None:
+    srv = await start_server(keepalive_timeout_s=0.3)
+    c = await srv.connect()
+    await c.send(build("POST", "/echo", headers=[("Content-Length", "10")]) + b"ab")
+    await c.closed_by_server(within=3.0)
 
 
 async def test_request_in_progress_outlives_the_keepalive_timeout(start_server: Callable[..., Awaitable[Served]],
