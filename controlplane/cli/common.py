@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import enum
 import sys
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterable
 from pathlib import Path
 from typing import Annotated, Any, NoReturn, TypeVar
 
@@ -57,6 +57,12 @@ def etcd_config(etcd: str | None, prefix: str | None, cacert: Path | None = None
         return EtcdConfig.from_env(etcd, prefix, ca_cert=cacert, client_cert=cert, client_key=key, user=user)
     except EtcdConfigError as exc:
         fail(str(exc), ExitCode.USAGE)
+
+
+def warn(messages: Iterable[str]) -> None:
+    """Print each message as ``warning: message`` to stderr (records a command could not read…)."""
+    for message in messages:
+        print(f"warning: {message}", file=sys.stderr)
 
 
 def fail(message: str, code: ExitCode = ExitCode.ERROR) -> NoReturn:

@@ -33,6 +33,7 @@ from controlplane.cli.common import (
     fail,
     open_store,
     run_async,
+    warn,
 )
 from controlplane.cli.main import app
 from controlplane.cli.output import print_json, print_table
@@ -308,8 +309,7 @@ def list_keys(
     found, warnings = run_async(lambda: read_keys(config))
     now = time.time()
     views = sorted((key_view(k.record, now) for k in found), key=lambda v: (v["owner"], v["created_unix"]))
-    for warning in warnings:
-        print(f"warning: {warning}", file=sys.stderr)
+    warn(warnings)
     if output is OutputFormat.json:
         print_json(views)
         return

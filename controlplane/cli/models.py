@@ -30,6 +30,7 @@ from controlplane.cli.common import (
     fail,
     open_store,
     run_async,
+    warn,
 )
 from controlplane.cli.main import app
 from controlplane.cli.output import print_json, print_table
@@ -203,8 +204,7 @@ def list_models(
     config = etcd_config(etcd, etcd_prefix, etcd_cacert, etcd_cert, etcd_key, etcd_user)
     current, _, warnings = run_async(lambda: read_catalog(config))
     specs = sorted((spec for _, spec in current.values() if spec is not None), key=lambda s: s.name)
-    for warning in warnings:
-        print(f"warning: {warning}", file=sys.stderr)
+    warn(warnings)
     if output is OutputFormat.json:
         print_json({"models": [spec_to_entry(s) for s in specs]})
         return

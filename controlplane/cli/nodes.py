@@ -37,6 +37,7 @@ from controlplane.cli.common import (
     fail,
     open_store,
     run_async,
+    warn,
 )
 from controlplane.cli.main import app
 from controlplane.cli.output import age, print_json, print_table
@@ -247,11 +248,6 @@ async def clear_drain(config: EtcdConfig, node_id: str) -> tuple[bool, NodeRecor
 # -- commands -----------------------------------------------------------------------------------
 
 
-def _warn(warnings: Iterable[str]) -> None:
-    for w in warnings:
-        print(f"warning: {w}", file=sys.stderr)
-
-
 @nodes_app.command(name="list", epilog="Example:  ctl nodes list   |   ctl nodes list -o json | "
                                        "jq '.[] | select(.draining != \"no\") | .node_id'")
 def list_nodes(
@@ -267,7 +263,7 @@ def list_nodes(
     config = etcd_config(etcd, etcd_prefix, etcd_cacert, etcd_cert, etcd_key, etcd_user)
     snapshot = run_async(lambda: read_nodes(config))
     views = node_views(snapshot, time.time())
-    _warn(snapshot.warnings)
+    warn(snapshot.warnings)
     if output is OutputFormat.json:
         print_json(views)
         return
@@ -295,7 +291,7 @@ def show(
     """Show one node: address, GPUs, Slurm job, labels, drain request and its instances."""
     config = etcd_config(etcd, etcd_prefix, etcd_cacert, etcd_cert, etcd_key, etcd_user)
     snapshot = run_async(lambda: read_nodes(config))
-    _warn(snapshot.warnings)
+    warn(snapshot.warnings)
     if node not in snapshot.nodes and node not in snapshot.controls:
         fail(f"no node {node!r} (see `ctl nodes list`)", ExitCode.NOT_FOUND)
     now = time.time()

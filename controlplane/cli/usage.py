@@ -9,7 +9,6 @@ from ``keys/``.
 
 from __future__ import annotations
 
-import sys
 from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
@@ -29,6 +28,7 @@ from controlplane.cli.common import (
     etcd_config,
     open_store,
     run_async,
+    warn,
 )
 from controlplane.cli.main import app
 from controlplane.cli.output import print_json, print_table
@@ -118,8 +118,7 @@ def usage(
     """Show requests, prompt and completion tokens and errors per key and model, over all gateways."""
     config = etcd_config(etcd, etcd_prefix, etcd_cacert, etcd_cert, etcd_key, etcd_user)
     records, owners, warnings = run_async(lambda: read_usage(config))
-    for warning in warnings:
-        print(f"warning: {warning}", file=sys.stderr)
+    warn(warnings)
     rows = sum_usage(records, owners, key=key.strip().lower() if key else None, owner=owner, model=model)
     if output is OutputFormat.json:
         print_json([asdict(r) for r in rows])
