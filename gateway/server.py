@@ -293,7 +293,7 @@ class HttpConnection(asyncio.Protocol):
         if self._current is not None:
             self._current._wake()
         self._wake_writer()
-        self.server._connection_closed()
+        self.server._progress()
 
     def pause_writing(self) -> None:
         self.write_paused = True
@@ -400,7 +400,7 @@ class HttpConnection(asyncio.Protocol):
         finally:
             self._task = None
             self._last_active = self.loop.time()
-            self.server._request_done()
+            self.server._progress()
 
     async def _answer(self, req: Request) -> None:
         req.id = req.header(b"x-request-id") or new_request_id()
@@ -551,11 +551,8 @@ class HttpServer:
             await srv.wait_closed()
         return cut
 
-    def _request_done(self) -> None:
-        if self._settled is not None:
-            self._settled.set()
-
-    def _connection_closed(self) -> None:
+    def _progress(self) -> None:
+        """A connection finished its queue or closed: a shutdown in progress looks again."""
         if self._settled is not None:
             self._settled.set()
 
