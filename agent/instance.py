@@ -95,7 +95,7 @@ class ManagedInstance:
         )
 
     @property
-    def state(self) -> InstanceState.ValueType:
+    def state(self) -> InstanceState:
         """The state last published."""
         return self.record.state
 
@@ -104,7 +104,7 @@ class ManagedInstance:
         if self._task is None:
             self._task = asyncio.create_task(self._run(), name=f"instance-{self.record.instance_id}")
 
-    def _publish(self, state: InstanceState.ValueType, error: str | None = None) -> None:
+    def _publish(self, state: InstanceState, error: str | None = None) -> None:
         if state != self.record.state:
             self.record.state_since_unix_ms = _now_ms()
         self.record.state = state

@@ -55,7 +55,7 @@ async def _upstream_pool(url: str, total: int, concurrency: int) -> float:
 
     async def worker(n: int) -> None:
         for _ in range(n):
-            r = await pool.request(url, "/v1/chat/completions", [("Content-Type", "application/json")], REQUEST, 5)
+            r = await pool.request(url, "/v1/chat/completions", [(b"Content-Type", b"application/json")], REQUEST, 5)
             await r.read_all(5)
 
     started = time.perf_counter()

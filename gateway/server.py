@@ -43,6 +43,7 @@ import socket
 import time
 from collections.abc import Awaitable, Callable, Iterable, Mapping
 from email.utils import formatdate
+from typing import cast
 
 import httptools
 import orjson
@@ -251,8 +252,8 @@ class HttpConnection(asyncio.Protocol):
     # -- asyncio.Protocol ------------------------------------------------------------------
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport = transport  # type: ignore[assignment]
-        self.transport.set_write_buffer_limits(high=WRITE_HIGH_WATER)
+        self.transport = tr = cast(asyncio.Transport, transport)   # create_server gives stream transports
+        tr.set_write_buffer_limits(high=WRITE_HIGH_WATER)
         sock = transport.get_extra_info("socket")
         if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)

@@ -109,11 +109,10 @@ def serve_in_process(config: GatewayConfig, sock: socket.socket, shutdown_timeou
     """
     try:
         import uvloop
-
-        runner = uvloop.run
     except ImportError:  # pragma: no cover - non-Linux
-        runner = asyncio.run
-    runner(_serve(config, sock, shutdown_timeout, listen_after_load_s))
+        asyncio.run(_serve(config, sock, shutdown_timeout, listen_after_load_s))
+    else:
+        uvloop.run(_serve(config, sock, shutdown_timeout, listen_after_load_s))
 
 
 async def _serve(config: GatewayConfig, sock: socket.socket, shutdown_timeout: float,

@@ -23,7 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from gateway.upstream import UpstreamPool
 
-HEADERS = [("Content-Type", "application/json")]
+HEADERS = [(b"Content-Type", b"application/json")]
 
 
 class Connection(asyncio.Protocol):

@@ -643,7 +643,8 @@ async def post_json(http: aiohttp.ClientSession, url: str, body: dict[str, Any])
 
 
 async def test_rerank_orders_by_relevance_and_agrees_with_score(sim: Sim, http: aiohttp.ClientSession) -> None:
-    docs = ["gpus join the pool", "tell me about pools", {"text": "queues and planners"}, "tokens stream back"]
+    docs: list[str | dict[str, str]] = ["gpus join the pool", "tell me about pools", {"text": "queues and planners"},
+                                        "tokens stream back"]
     body = {"model": MODEL, "query": "tell me about pools", "documents": docs}
     status, full = await post_json(http, sim.url + "/v1/rerank", body)
     assert status == 200 and full["model"] == MODEL
