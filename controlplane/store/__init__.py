@@ -4,13 +4,14 @@
     EtcdStore       get / put / delete / list_prefix with revisions, guarded transactions
     LeaseSession    one lease per process: keepalive vs. expiry with jitter, re-grant on loss
     watch_prefix    list-then-watch that resyncs after compaction or a broken stream
+    WatchedCache    a typed copy of one prefix, run under the loop runner (store/cache.py)
 """
 
 from controlplane.store.client import Cmp, EtcdStore, KeyValue, Op
 from controlplane.store.config import EtcdConfig, EtcdConfigError
 from controlplane.store.errors import LeaseLost, StoreAuthError, StoreError, StoreUnavailable, TxnConflict
 from controlplane.store.lease import LeaseSession
-from controlplane.store.watch import Change, Changes, Resync, WatchUpdate, watch_prefix
+from controlplane.store.watch import Change, Changes, Progress, Resync, WatchUpdate, list_then_watch, watch_prefix
 
 __all__ = [
     "Change",
@@ -23,11 +24,13 @@ __all__ = [
     "LeaseLost",
     "LeaseSession",
     "Op",
+    "Progress",
     "Resync",
     "StoreAuthError",
     "StoreError",
     "StoreUnavailable",
     "TxnConflict",
     "WatchUpdate",
+    "list_then_watch",
     "watch_prefix",
 ]
