@@ -241,7 +241,8 @@ async def engine_max_model_len(http: aiohttp.ClientSession, url: str, model: str
 
 async def _chat_tokens(http: aiohttp.ClientSession, url: str, model: str, words: int,
                        headers: Mapping[str, str]) -> int | None:
-    body = {"model": model, "messages": [{"role": "user", "content": _prompt(words, 0, 0)}]}
+    # a prompt like the ones sent (worker 1's first: mostly 4-digit words; worker 0's are w0, w1, …)
+    body = {"model": model, "messages": [{"role": "user", "content": _prompt(words, 1, 1)}]}
     answer = await _get_json(http, "POST", f"{url}/tokenize", headers, body)
     count = answer.get("count") if isinstance(answer, dict) else None
     return count if isinstance(count, int) and count > 0 else None
@@ -264,7 +265,8 @@ async def fit_mixes(http: aiohttp.ClientSession, url: str, model: str, mixes: Se
     one, hundred = (await _chat_tokens(http, url, model, 1, headers),
                     await _chat_tokens(http, url, model, 101, headers))
     if one is not None and hundred is not None and hundred > one:
-        per_word, overhead = (hundred - one) / 100, max(0, one - 1)
+        # +10%: other workers' words tokenize a little differently from the sample's
+        per_word, overhead = 1.1 * (hundred - one) / 100, max(0, one - 1)
     else:
         per_word, overhead = FALLBACK_TOKENS_PER_WORD, FALLBACK_CHAT_OVERHEAD
     fitted, notes = [], []
