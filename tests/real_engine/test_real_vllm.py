@@ -21,6 +21,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
+from typing import Any
 
 import openai
 import pytest
@@ -152,9 +153,9 @@ def test_answers_through_the_gateway_equal_direct_ones_at_temperature_0(pool: Po
     direct = openai.OpenAI(base_url=f"{pool.engine_url}/v1", api_key="unused", max_retries=0)
     for prompt in PROMPTS:
         messages = [{"role": "user", "content": prompt}]
-        kwargs = {"model": MODEL, "messages": messages, "max_tokens": 24, "temperature": 0}
-        a = gw.chat.completions.create(**kwargs)  # type: ignore[call-overload]
-        b = direct.chat.completions.create(**kwargs)  # type: ignore[call-overload]
+        kwargs: dict[str, Any] = {"model": MODEL, "messages": messages, "max_tokens": 24, "temperature": 0}
+        a = gw.chat.completions.create(**kwargs)
+        b = direct.chat.completions.create(**kwargs)
         assert a.choices[0].message.content == b.choices[0].message.content
         assert a.usage == b.usage and a.choices[0].finish_reason == b.choices[0].finish_reason
         stream = gw.chat.completions.create(**kwargs, stream=True, stream_options={"include_usage": True})
@@ -170,7 +171,7 @@ def test_answers_through_the_gateway_equal_direct_ones_at_temperature_0(pool: Po
         assert c.choices[0].logprobs.tokens == d.choices[0].logprobs.tokens
 
 
-def _post(url: str, body: dict[str, object]) -> dict[str, object]:
+def _post(url: str, body: dict[str, Any]) -> dict[str, Any]:
     req = urllib.request.Request(url, json.dumps(body).encode(), {"Content-Type": "application/json"})
     with urllib.request.urlopen(req, timeout=60) as resp:
         return dict(json.loads(resp.read()))
