@@ -33,6 +33,8 @@ from controlplane.pb import InstanceRecord, InstanceState
 from controlplane.procs import spawn, stop_all
 from controlplane.store import EtcdConfig, EtcdStore
 from tests.cluster import CTL, start_gateway
+from tests.ops.promql import exported_names, metric_names
+from tests.ops.test_grafana import queries
 from tests.real_engine.conftest import tiny_model, vllm_venv
 
 pytestmark = [pytest.mark.real_engine, pytest.mark.timeout(900)]
@@ -169,6 +171,16 @@ def test_answers_through_the_gateway_equal_direct_ones_at_temperature_0(pool: Po
         assert c.choices[0].text == d.choices[0].text
         assert c.choices[0].logprobs and d.choices[0].logprobs
         assert c.choices[0].logprobs.tokens == d.choices[0].logprobs.tokens
+
+
+def test_engine_exports_the_metrics_the_dashboard_and_the_drain_use(pool: Pool) -> None:
+    with urllib.request.urlopen(f"{pool.engine_url}/metrics", timeout=30) as resp:
+        exported = exported_names(resp.read().decode())
+    board = json.loads((REPO / "ops" / "grafana" / "dashboards" / "modelpool.json").read_text())
+    wanted = {n for _, expr in queries(board) for n in metric_names(expr) if n.startswith("vllm:")}
+    assert wanted and wanted <= exported, wanted - exported
+    # what agent/supervisor.py counts to know when a drain may stop the engine
+    assert {"vllm:num_requests_running", "vllm:num_requests_waiting"} <= exported
 
 
 def _post(url: str, body: dict[str, Any]) -> dict[str, Any]:
