@@ -26,6 +26,7 @@ COMMAND_MODULES = (
     "profile",
     "nodes",
     "usage",
+    "exporter",
 )
 
 
