@@ -15,7 +15,9 @@ first), and ``fit_transaction`` trims the plan file as the last guarantee (STOPs
 ones first; no START while any STOP waits, since a START may reuse a STOP's GPUs). The rest
 follows in the next rounds: the plan is recomputed from what etcd then holds.
 
-Winning once does not make a leader safe: a leader that stalls (GC pause, blocked solver, etcd
+A leader that loses its lease or its key does not campaign again for one lease TTL, so a
+standby takes over instead of the stalled process winning back at once. Winning once does not
+make a leader safe: a leader that stalls (GC pause, blocked solver, etcd
 partition) may have lost its lease while it still believes it leads. Every write of the leader
 is therefore a transaction that also compares the leader key's create revision and value with
 ours, so a deposed leader's apply fails (StalePlan naming "leadership lost") and it goes back to
@@ -225,6 +227,7 @@ class PlannerDaemon:
         self.clock = clock
         self.stats = DaemonStats()
         self.fence: Fence | None = None
+        self._deposed_until = 0.0          # monotonic: a deposed leader lets a standby take over first
         self._stop = asyncio.Event()
         self.session = LeaseSession(store, config.lease_ttl, on_lost=self._on_lost, name="planner")
 
@@ -237,10 +240,16 @@ class PlannerDaemon:
         """Ask `run` to return (it revokes the lease, so another planner takes over at once)."""
         self._stop.set()
 
+    def _deposed(self) -> None:
+        # A leader deposed because it stalled is likely to stall again: for one lease TTL it does not
+        # campaign, so a healthy standby (campaigning every ttl/3) takes over.
+        self.fence = None
+        self._deposed_until = time.monotonic() + self.config.lease_ttl
+
     async def _on_lost(self) -> None:
         if self.fence is not None:
             log.warning("planner lease lost; no longer leader", identity=self.config.identity)
-        self.fence = None
+            self._deposed()
 
     async def campaign(self, lease_id: int) -> bool:
         """Put the leader key if absent, on our lease; True when we now lead."""
@@ -260,7 +269,7 @@ class PlannerDaemon:
         if kv is None or kv.create_revision != self.fence.create_revision or kv.value != self.fence.value:
             log.warning("planner leadership lost", identity=self.config.identity,
                         holder=kv.value.decode(errors="replace") if kv else None)
-            self.fence = None
+            self._deposed()
         return self.fence is not None
 
     def _cap(self, snapshot: Snapshot, now: float, plan: Plan) -> Plan:
@@ -304,6 +313,8 @@ class PlannerDaemon:
             lease = await self._wait_lease()
             if lease == 0:
                 return 0.0   # _wait_lease waited a second already
+            if self.fence is None and (wait := self._deposed_until - time.monotonic()) > 0:
+                return min(wait, cfg.lease_ttl / 3)
             if self.fence is None and not await self.campaign(lease):
                 return min(cfg.interval_s, cfg.lease_ttl / 3)
             if await self.still_leader():
