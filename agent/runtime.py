@@ -39,6 +39,7 @@ from controlplane.loops import Backoff, ProgressFn, Supervisor
 from controlplane.pb import NodeRecord
 from controlplane.store import EtcdConfig, EtcdStore, LeaseSession
 from controlplane.store.config import parse_endpoint
+from controlplane.tenancy import DEFAULT_TENANT
 
 log = structlog.get_logger(__name__)
 
@@ -78,6 +79,7 @@ class AgentConfig:
     labels: dict[str, str] = field(default_factory=dict)
     timings: InstanceTimings = field(default_factory=InstanceTimings)
     engine_options: dict[str, dict[str, str]] = field(default_factory=dict)  # per engine, e.g. {"sim": {...}}
+    tenant: str = DEFAULT_TENANT         # records go under tenants/<tenant>/ (LEGACY: the old layout)
 
 
 def advertise_address(etcd_endpoint: str) -> str:
@@ -111,6 +113,8 @@ class Agent:
     def __init__(self, config: AgentConfig) -> None:
         self.config = config
         self.keys = Keys(config.etcd.prefix)
+        self.tenant_keys = self.keys.for_tenant(config.tenant)
+        self.node_ref = self.tenant_keys.node_ref(config.node_id)
         self.drain_requested = asyncio.Event()
         self.drain_reason = ""
         self.instances: dict[str, ManagedInstance] = {}     # by assignment id (pool) or instance id (serve)
@@ -148,12 +152,12 @@ class Agent:
 
     def _publish_node(self) -> None:
         assert self._registration is not None
-        self._registration.set(self.keys.node(self.config.node_id), self.node_record().SerializeToString())
+        self._registration.set(self.tenant_keys.node(self.config.node_id), self.node_record().SerializeToString())
 
     def _start_instance(self, key: str, icfg: InstanceConfig) -> None:
         assert self._registration is not None and self._http is not None
         instance_id = f"{self.config.node_id}-{uuid.uuid4().hex[:8]}"
-        inst = ManagedInstance(instance_id, icfg, self._registration, self.keys, self._http, self.config.timings)
+        inst = ManagedInstance(instance_id, icfg, self._registration, self.tenant_keys, self._http, self.config.timings)
         self.instances[key] = inst
         inst.start(self.loops)
         self._publish_node()
@@ -199,7 +203,7 @@ class Agent:
                     self._start_instance(f"serve-{spec.model}", icfg)
                 session.start()
                 registration.start(loops)
-                desired = DesiredState(store, self.keys, cfg.node_id)
+                desired = DesiredState(store, self.keys, self.node_ref)
                 desired.start(loops)
                 loops.continuous("job-end-clock", self._job_end_clock)
                 loops.periodic("node-control", lambda: self._follow_control(desired), interval_s=5.0,
@@ -208,7 +212,7 @@ class Agent:
                     since = time.monotonic()
                     loops.periodic("pool-reconcile", lambda: self._reconcile(desired, since), interval_s=5.0,
                                    wake=desired.listener(), backoff=Backoff(base_s=1.0, max_s=30.0))
-                log.info("agent running", node=cfg.node_id, address=self._advertise, pool=cfg.pool,
+                log.info("agent running", node=cfg.node_id, tenant=cfg.tenant, address=self._advertise, pool=cfg.pool,
                          models=[s.model for s in cfg.serve], gpus=[g.type for g in cfg.gpus],
                          slurm_job=cfg.slurm.job_id if cfg.slurm else None)
                 await self.drain_requested.wait()
@@ -238,7 +242,7 @@ class Agent:
                 self._stopping[key] = asyncio.create_task(self._stop_instance(key))
         if self._stopping:
             await asyncio.gather(*list(self._stopping.values()), return_exceptions=True)
-        registration.remove(self.keys.node(self.config.node_id))
+        registration.remove(self.tenant_keys.node(self.config.node_id))
         await registration.flush(timeout=3.0)
         log.info("drain complete", reason=self.drain_reason, seconds=round(time.monotonic() - started, 3))
 

@@ -30,6 +30,7 @@ from controlplane.cli.common import (
     KeyOpt,
     OutputFormat,
     OutputOpt,
+    PasswordFileOpt,
     PrefixOpt,
     UserOpt,
     etcd_config,
@@ -254,12 +255,13 @@ def planner_run(
     planner_id: Annotated[str, typer.Option("--id", help="This planner's identity (default: user@host pid).")] = "",
     etcd: EtcdOpt = None, etcd_prefix: PrefixOpt = None, etcd_cacert: CaOpt = None, etcd_cert: CertOpt = None,
     etcd_key: KeyOpt = None, etcd_user: UserOpt = None,
+    etcd_password_file: PasswordFileOpt = None,
 ) -> None:
     """Plan and apply every --interval seconds while holding the planner leadership."""
     from controlplane.planner.daemon import DaemonConfig, PlannerDaemon
 
     configure_logging(component="planner")
-    config = etcd_config(etcd, etcd_prefix, etcd_cacert, etcd_cert, etcd_key, etcd_user)
+    config = etcd_config(etcd, etcd_prefix, etcd_cacert, etcd_cert, etcd_key, etcd_user, etcd_password_file)
     cfg = DaemonConfig(cluster=_load_cluster(cluster), demand_override=_load_demand(demand), interval_s=interval,
                        max_churn=max_churn, time_limit_s=time_limit, lease_ttl=lease_ttl,
                        identity=planner_id or applied_by(f"planner pid {os.getpid()}"))
