@@ -26,6 +26,8 @@ COMMAND_MODULES = (
     "profile",
     "nodes",
     "usage",
+    "auth",
+    "tenants",
 )
 
 

@@ -78,8 +78,8 @@ class NodesSnapshot:
         with that id (several: ``name`` unchanged, so the caller reports it as unknown)."""
         if name in self.nodes or name in self.controls:
             return name
-        matches = [ref for ref in self.nodes if "/" in ref and ref.split("/", 1)[1] == name]
-        return matches[0] if len(matches) == 1 else name
+        matches = {ref for ref in (*self.nodes, *self.controls) if "/" in ref and ref.split("/", 1)[1] == name}
+        return matches.pop() if len(matches) == 1 else name
 
 
 def gpu_summary(types: Iterable[str]) -> str:

@@ -108,7 +108,7 @@ def _resolve(host: str, port: int) -> list[str]:
 
 #: etcd's answers (INVALID_ARGUMENT or UNAUTHENTICATED) that are about credentials, not the request.
 _AUTH_ERRORS = ("user name is empty", "authentication failed", "authentication is not enabled",
-                "invalid auth token", "revision of auth store is old", "permission denied", "user name not found")
+                "invalid auth token", "revision of auth store is old", "permission denied")
 
 
 def _translate(exc: BaseException, what: str) -> StoreError:
@@ -200,6 +200,13 @@ class EtcdStore:
                 resp = await auth.authenticate(self.config.user or "", self.config.password or "",
                                                timeout=self.config.timeout_s)
             except (EtcdError, grpc.aio.AioRpcError, TimeoutError) as exc:
+                if _detail(exc).endswith("authentication is not enabled"):
+                    # Credentials handed out before `ctl auth enable`: work without a token now;
+                    # once auth is on, etcd's "user name is empty" makes us authenticate.
+                    client.set_token(None)
+                    self._token_generation += 1
+                    log.info("etcd authentication is not enabled; sending no token", user=self.config.user)
+                    return
                 auth.set_token(client._token)  # keep sending what the other services send
                 raise _translate(exc, f"etcd authentication as {self.config.user!r}") from exc
             client.set_token(resp.token)
@@ -350,8 +357,19 @@ class EtcdStore:
 
 
 #: What etcd says when a token is no longer good (re-authenticate and retry), as opposed to a
-#: missing permission (``permission denied``), which no retry fixes.
-TOKEN_ERRORS = ("invalid auth token", "revision of auth store is old")
+#: missing permission (``permission denied``), which no retry fixes. ``user name is empty``: auth
+#: was switched on while we held no token.
+TOKEN_ERRORS = ("invalid auth token", "revision of auth store is old", "user name is empty")
+
+
+def _detail(exc: BaseException) -> str:
+    """etcd's message behind ``exc`` (the gRPC details of the error that caused it)."""
+    seen: BaseException | None = exc
+    while seen is not None:
+        if isinstance(seen, grpc.aio.AioRpcError):
+            return seen.details() or ""
+        seen = seen.__cause__
+    return str(exc)
 
 
 def token_problem(exc: BaseException) -> bool:
