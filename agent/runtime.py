@@ -36,10 +36,10 @@ from agent.registration import Registration
 from agent.slurm import SlurmJobInfo
 from controlplane.keys import Keys
 from controlplane.loops import Backoff, ProgressFn, Supervisor
-from controlplane.pb import NodeRecord
+from controlplane.pb import ModelSpec, NodeRecord
 from controlplane.store import EtcdConfig, EtcdStore, LeaseSession
 from controlplane.store.config import parse_endpoint
-from controlplane.tenancy import DEFAULT_TENANT
+from controlplane.tenancy import DEFAULT_TENANT, refusal_reason, servers_of
 
 log = structlog.get_logger(__name__)
 
@@ -120,6 +120,7 @@ class Agent:
         self.instances: dict[str, ManagedInstance] = {}     # by assignment id (pool) or instance id (serve)
         self._stopping: dict[str, asyncio.Task[None]] = {}
         self._problems: set[str] = set()
+        self._refused: dict[str, str] = {}     # model -> why gateways refuse this agent's instances of it
         self._node_draining = False
         self._advertise = ""
         self._bind = ""
@@ -246,8 +247,24 @@ class Agent:
         await registration.flush(timeout=3.0)
         log.info("drain complete", reason=self.drain_reason, seconds=round(time.monotonic() - started, 3))
 
+    def _check_servers(self, catalog: dict[str, ModelSpec]) -> None:
+        """Warn (once per model and reason) when gateways will not route to an instance here: the
+        catalog lets other tenants only serve its model (ModelSpec.servers)."""
+        refused = {}
+        for inst in self.instances.values():
+            model = inst.config.model
+            why = refusal_reason(servers_of(catalog.get(model)), self.config.tenant, model)
+            if why:
+                refused[model] = why
+                if self._refused.get(model) != why:
+                    log.warning("gateways will not route to this instance", model=model, tenant=self.config.tenant,
+                                reason=why)
+        self._refused = refused
+
     async def _follow_control(self, desired: DesiredState) -> None:
         """`ctl nodes drain`: a serve-mode agent drains and exits; a pool agent stops taking work."""
+        if "catalog" in desired.loaded:
+            self._check_servers(desired.catalog)
         if desired.drain_requested != self._node_draining:
             self._node_draining = desired.drain_requested
             self._publish_node()

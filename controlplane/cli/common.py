@@ -9,8 +9,10 @@ from collections.abc import Awaitable, Callable, Iterable
 from pathlib import Path
 from typing import Annotated, Any, NoReturn, TypeVar
 
+import structlog
 import typer
 
+from controlplane.logsetup import configure_command_logging
 from controlplane.procs import exit_watchdog
 from controlplane.store import EtcdConfig, EtcdConfigError, EtcdStore, StoreError
 
@@ -60,6 +62,10 @@ def etcd_config(etcd: str | None, prefix: str | None, cacert: Path | None = None
     The password comes from ``--etcd-password-file``, else MODELPOOL_ETCD_PASSWORD, else the
     file named by MODELPOOL_ETCD_PASSWORD_FILE; never from a flag of its own.
     """
+    if not structlog.is_configured():
+        # a one-shot command: library logs (a token renewed, ...) go to stderr, warnings and up,
+        # never into the table or JSON on stdout. Daemons configured logging before this.
+        configure_command_logging()
     try:
         return EtcdConfig.from_env(etcd, prefix, ca_cert=cacert, client_cert=cert, client_key=key, user=user,
                                    password_file=password_file)

@@ -75,8 +75,13 @@ class EtcdConfig:
             raise EtcdConfigError("mTLS needs both a client certificate and a client key")
         if self.client_cert is not None and self.ca_cert is None:
             raise EtcdConfigError("mTLS needs a CA certificate too (--etcd-cacert)")
-        if (self.user is None) != (self.password is None):
-            raise EtcdConfigError("etcd user and password go together")
+        if self.user is not None and self.password is None:
+            raise EtcdConfigError(f"etcd user and password go together: no password for etcd user {self.user!r} "
+                                  "(set MODELPOOL_ETCD_PASSWORD, or --etcd-password-file / "
+                                  "MODELPOOL_ETCD_PASSWORD_FILE)")
+        if self.user is None and self.password is not None:
+            raise EtcdConfigError("etcd user and password go together: a password was given without "
+                                  "--etcd-user / MODELPOOL_ETCD_USER")
 
     @property
     def tls(self) -> bool:
