@@ -165,3 +165,29 @@ __all__ = [
     "tenant_perms",
     "tenant_role",
 ]
+
+
+#: Who holds each role (docs/security.md's role table is ``role_table()``).
+ROLE_HOLDERS: dict[str, str] = {
+    "admin": "operators: `ctl models`, `ctl keys`, `ctl apply`, `ctl nodes drain`, `ctl status`, `ctl usage`",
+    "gateway": "every gateway process (`ctl gateway`)",
+    "planner": "the planner daemon (`ctl planner run`), and `ctl plan` / `ctl apply` run by it",
+    "harvester": "the harvest daemon (writes `harvest/`; the planner reads it)",
+    "tenant-<t>": "the agents of tenant `<t>` (`ctl agent --etcd-user tenant-<t>`, the sbatch templates)",
+}
+
+
+def role_table(prefix: str = "/modelpool") -> str:
+    """The role table as docs/security.md prints it (Markdown), generated from the tables above."""
+    keys = Keys(prefix)
+    rows = ["| role | held by | reads | reads and writes |", "|---|---|---|---|"]
+    roles: list[tuple[str, tuple[Perm, ...]]] = [(r.value, service_role_perms(keys, r)) for r in ServiceRole]
+    roles.append(("tenant-<t>", tenant_perms(keys, "t")))
+    for name, perms in roles:
+        def cell(access: Access, perms: tuple[Perm, ...] = perms) -> str:
+            items = [p.describe(prefix).split(" ", 1)[1] for p in perms if p.access is access]
+            items = [i.replace("tenants/t/", "tenants/<t>/").replace("desired/t%2F", "desired/<t>%2F")
+                     for i in items]
+            return ", ".join(f"`{i}`" for i in items) or "-"
+        rows.append(f"| `{name}` | {ROLE_HOLDERS[name]} | {cell(Access.read)} | {cell(Access.readwrite)} |")
+    return "\n".join(rows)

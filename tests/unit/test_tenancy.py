@@ -15,7 +15,16 @@ from controlplane.pb import InstanceRecord, InstanceState, ModelSpec
 from controlplane.planner.diff import ActionKind
 from controlplane.planner.model import compute_plan
 from controlplane.planner.snapshot import Snapshot
-from controlplane.roles import Access, Perm, ServiceRole, perm_changes, range_end_of, service_role_perms, tenant_perms
+from controlplane.roles import (
+    Access,
+    Perm,
+    ServiceRole,
+    perm_changes,
+    range_end_of,
+    role_table,
+    service_role_perms,
+    tenant_perms,
+)
 from controlplane.store import EtcdConfig, EtcdConfigError, KeyValue
 from controlplane.store.cache import Replaced, proto_decoder, to_event
 from controlplane.store.client import token_problem
@@ -36,7 +45,7 @@ from gateway.tenancy import ServePolicy, model_card
 
 K = Keys("/p")
 tenant_names = st.from_regex(r"[a-z0-9]([a-z0-9-]{0,8}[a-z0-9])?", fullmatch=True).filter(lambda n: n != LEGACY)
-ids = st.text(st.characters(blacklist_categories=("Cs",)), min_size=1, max_size=20)
+ids = st.text(st.characters(exclude_categories=["Cs"]), min_size=1, max_size=20)
 
 
 # -- names and keys --------------------------------------------------------------------------------
@@ -176,7 +185,7 @@ def kv(key: str, rec: InstanceRecord | ModelSpec | bytes, rev: int = 1) -> KeyVa
     return KeyValue(key, value, rev, rev, 1, 0)
 
 
-def inst(model: str, iid: str, state: int = InstanceState.READY) -> InstanceRecord:
+def inst(model: str, iid: str, state: InstanceState = InstanceState.READY) -> InstanceRecord:
     return InstanceRecord(instance_id=iid, model=model, node_id="n1", endpoint=f"http://10.0.0.1/{iid}", state=state,
                           owner="whoever-the-agent-claims")
 
@@ -259,3 +268,8 @@ def test_planner_places_a_restricted_model_only_on_its_tenants_nodes() -> None:
         {"node_id": "beta/n0", "model": "secret", "tp": 1, "gpu_indices": [0], "replica_id": "r1"}]})
     plan2 = compute_plan(snap2, 0.0, time_limit_s=20)
     assert any(a.kind is ActionKind.STOP and a.node_id == "beta/n0" for a in plan2.actions), plan2.actions
+
+
+def test_security_doc_prints_the_role_table() -> None:
+    doc = (Path(__file__).resolve().parents[2] / "docs" / "security.md").read_text(encoding="utf-8")
+    assert role_table() in doc, "docs/security.md's role table differs from controlplane/roles.py: paste role_table()"
