@@ -24,6 +24,7 @@ from aiohttp import web
 from typer.testing import CliRunner
 
 import controlplane.cli.auth
+import controlplane.cli.plan
 import controlplane.cli.status
 import controlplane.cli.tenants  # noqa: F401  (register the commands)
 from controlplane.cli.main import app
@@ -31,12 +32,13 @@ from controlplane.etcdproc import EtcdProcess
 from controlplane.keys import Keys
 from controlplane.loops import Supervisor
 from controlplane.pb import InstanceRecord, InstanceState, ModelSpec, NodeRecord
+from controlplane.procs import spawn
 from controlplane.roles import ServiceRole, service_role_perms, tenant_perms
 from controlplane.store import EtcdConfig, EtcdStore, LeaseSession, Op, StoreAuthError
 from controlplane.store.cache import WatchedCache, proto_decoder
 from gateway.app import GatewayConfig
 from gateway.fleet import FleetSettings
-from tests.cluster import eventually, gateway_in_process, start_agent, start_gateway, stop_all
+from tests.cluster import CTL, eventually, gateway_in_process, start_agent, start_gateway, stop_all
 
 ROOT_PASSWORD = "root-" + uuid.uuid4().hex
 TOKEN_TTL_S = 2
@@ -377,6 +379,50 @@ async def test_deleting_a_tenant_removes_its_instances_from_routing(pool: AuthPo
                 await EtcdStore(pool.config("tenant-gamma")).connect()
     finally:
         stop_all([agent, gw])
+
+
+async def test_the_planner_places_on_tenant_nodes_with_its_own_credentials(pool: AuthPool, tmp_path: Path) -> None:
+    """`ctl apply` as the planner role: a restricted model goes to the allowed tenant's pool node
+    (desired/<tenant>%2F<node>/, which only that tenant reads), never to the other's."""
+    k = pool.keys
+    cluster = Path(__file__).resolve().parents[2] / "examples" / "cluster.yaml"
+    procs = []
+    async with connected(pool.config("ops")) as ops:
+        await ops.put(k.model("placed"), ModelSpec(name="placed", engine="sim", weight_memory_bytes=8 << 30,
+                                                   min_replicas=1, servers=["beta"]).SerializeToString())
+    try:
+        for tenant in ("alpha", "beta"):
+            # the same node id for both: node refs keep their desired state apart
+            procs.append(spawn([*CTL, "agent", "--pool", "--engine", "sim", "--gpus", "1xA100-80GB", "--node-id",
+                                "pool-n", "--etcd", pool.etcd.endpoint, "--etcd-prefix", pool.prefix,
+                                "--log-dir", str(tmp_path / f"engines-{tenant}"), "--etcd-user", f"tenant-{tenant}",
+                                "--etcd-password-file", str(pool.password_file(f"tenant-{tenant}"))],
+                               tmp_path / f"agent-{tenant}.log"))
+        async with connected(pool.config("planner-1")) as planner:
+            async def both_nodes() -> bool:
+                nodes, _ = await planner.list_prefix(k.tenants)
+                return sum("/nodes/" in kv.key for kv in nodes) == 2
+            await eventually(both_nodes, timeout=30, what="both pool agents registered")
+            code, out, err = await asyncio.to_thread(pool.ctl, "apply", "--auto-approve", "--cluster", str(cluster),
+                                                     "-o", "json", user="planner-1")
+            assert code == 0, (out, err)
+            desired, _ = await planner.list_prefix(k.desired)
+            assert [kv.key.split("/")[3] for kv in desired] == ["beta%2Fpool-n"], [kv.key for kv in desired]
+
+            async def beta_ready() -> bool:
+                kvs, _ = await planner.list_prefix(k.tenant("beta") + "instances/")
+                return any(InstanceRecord.FromString(kv.value).state == InstanceState.READY for kv in kvs)
+            await eventually(beta_ready, timeout=40, interval=0.2, what="beta's node runs the placed model")
+            kvs, _ = await planner.list_prefix(k.tenant("alpha") + "instances/")
+            assert kvs == [], "alpha's node of the same id got nothing"
+            # the planner's credentials cannot write what is not its own
+            await denied(planner, k.model("placed"))
+    finally:
+        stop_all(procs)
+        async with connected(pool.config("ops")) as ops:
+            await ops.delete(k.model("placed"))
+            await ops.delete(k.desired, prefix=True)
+            await ops.delete(k.current_plan)
 
 
 # -- tokens expire; nothing else does ----------------------------------------------------------------
