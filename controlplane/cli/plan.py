@@ -41,7 +41,7 @@ from controlplane.cli.common import (
 from controlplane.cli.main import app
 from controlplane.cli.output import print_json, print_table
 from controlplane.keys import Keys
-from controlplane.logsetup import configure_logging
+from controlplane.logsetup import configure_command_logging, configure_logging
 from controlplane.planner.apply import (
     ApplyError,
     ApplyResult,
@@ -69,7 +69,8 @@ TimeLimitOpt = Annotated[float, typer.Option("--time-limit", min=0.1, help="Solv
 
 def _quiet_logs() -> None:
     """One-shot commands: logs to stderr, warnings and up unless MODELPOOL_LOG_LEVEL says otherwise."""
-    configure_logging(level=os.environ.get("MODELPOOL_LOG_LEVEL", "warning"), component="ctl")
+    # to whatever stderr is when a line is written: in-process runs (tests) swap and close it
+    configure_command_logging()
 
 
 def _load_cluster(path: Path | None) -> ClusterConfig:
