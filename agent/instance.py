@@ -29,7 +29,7 @@ import structlog
 from agent.engines import EngineAdapter, EngineConfigError, EngineSpec
 from agent.registration import Registration
 from agent.supervisor import PROBE_TIMEOUT_S, EngineProcess
-from controlplane.keys import Keys
+from controlplane.keys import Keys, TenantKeys
 from controlplane.loops import Backoff, ContinuousLoop, ProgressFn, Supervisor
 from controlplane.netutil import free_port
 from controlplane.pb import InstanceRecord, InstanceState
@@ -81,7 +81,7 @@ def _now_ms() -> int:
 class ManagedInstance:
     """Runs one instance until drained; see the module docstring for the state machine."""
 
-    def __init__(self, instance_id: str, config: InstanceConfig, registration: Registration, keys: Keys,
+    def __init__(self, instance_id: str, config: InstanceConfig, registration: Registration, keys: Keys | TenantKeys,
                  http: aiohttp.ClientSession, timings: InstanceTimings | None = None,
                  port_picker: Callable[[str], int] = free_port) -> None:
         self.config = config

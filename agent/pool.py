@@ -125,6 +125,8 @@ class DesiredState:
     """
 
     def __init__(self, store: EtcdStore, keys: Keys, node_id: str) -> None:
+        """``node_id`` is the node's ref (``<tenant>/<node id>``; a legacy node's id): what the
+        planner writes desired/ and `ctl nodes drain` writes control/ under."""
         self.store = store
         self.keys = keys
         self.node_id = node_id

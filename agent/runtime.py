@@ -39,9 +39,10 @@ from agent.registration import Registration
 from agent.slurm import SlurmJobInfo
 from controlplane.keys import Keys
 from controlplane.loops import Backoff, ProgressFn, Supervisor
-from controlplane.pb import NodeRecord
+from controlplane.pb import ModelSpec, NodeRecord
 from controlplane.store import EtcdConfig, EtcdStore, LeaseSession
 from controlplane.store.config import parse_endpoint
+from controlplane.tenancy import DEFAULT_TENANT, refusal_reason, servers_of
 
 log = structlog.get_logger(__name__)
 
@@ -83,6 +84,7 @@ class AgentConfig:
     engine_options: dict[str, dict[str, str]] = field(default_factory=dict)  # per engine, e.g. {"sim": {...}}
     cpu: bool = False                    # --cpu: engines run without GPUs (gpus is empty, gpu_type "CPU")
     engine_ports: PortRange | None = None  # --engine-port-range; None = any free port
+    tenant: str = DEFAULT_TENANT         # records go under tenants/<tenant>/ (LEGACY: the old layout)
 
 
 def advertise_address(etcd_endpoint: str) -> str:
@@ -116,11 +118,14 @@ class Agent:
     def __init__(self, config: AgentConfig) -> None:
         self.config = config
         self.keys = Keys(config.etcd.prefix)
+        self.tenant_keys = self.keys.for_tenant(config.tenant)
+        self.node_ref = self.tenant_keys.node_ref(config.node_id)
         self.drain_requested = asyncio.Event()
         self.drain_reason = ""
         self.instances: dict[str, ManagedInstance] = {}     # by assignment id (pool) or instance id (serve)
         self._stopping: dict[str, asyncio.Task[None]] = {}
         self._problems: set[str] = set()
+        self._refused: dict[str, str] = {}     # model -> why gateways refuse this agent's instances of it
         self._node_draining = False
         self._advertise = ""
         self._bind = ""
@@ -154,12 +159,12 @@ class Agent:
 
     def _publish_node(self) -> None:
         assert self._registration is not None
-        self._registration.set(self.keys.node(self.config.node_id), self.node_record().SerializeToString())
+        self._registration.set(self.tenant_keys.node(self.config.node_id), self.node_record().SerializeToString())
 
     def _start_instance(self, key: str, icfg: InstanceConfig) -> None:
         assert self._registration is not None and self._http is not None
         instance_id = f"{self.config.node_id}-{uuid.uuid4().hex[:8]}"
-        inst = ManagedInstance(instance_id, icfg, self._registration, self.keys, self._http, self.config.timings,
+        inst = ManagedInstance(instance_id, icfg, self._registration, self.tenant_keys, self._http, self.config.timings,
                                port_picker=self._ports)
         self.instances[key] = inst
         inst.start(self.loops)
@@ -211,7 +216,7 @@ class Agent:
                     self._start_instance(f"serve-{spec.model}", icfg)
                 session.start()
                 registration.start(loops)
-                desired = DesiredState(store, self.keys, cfg.node_id)
+                desired = DesiredState(store, self.keys, self.node_ref)
                 desired.start(loops)
                 loops.continuous("job-end-clock", self._job_end_clock)
                 loops.periodic("node-control", lambda: self._follow_control(desired), interval_s=5.0,
@@ -220,7 +225,7 @@ class Agent:
                     since = time.monotonic()
                     loops.periodic("pool-reconcile", lambda: self._reconcile(desired, since), interval_s=5.0,
                                    wake=desired.listener(), backoff=Backoff(base_s=1.0, max_s=30.0))
-                log.info("agent running", node=cfg.node_id, address=self._advertise, pool=cfg.pool,
+                log.info("agent running", node=cfg.node_id, tenant=cfg.tenant, address=self._advertise, pool=cfg.pool,
                          models=[s.model for s in cfg.serve], gpus=[g.type for g in cfg.gpus],
                          slurm_job=cfg.slurm.job_id if cfg.slurm else None)
                 await self.drain_requested.wait()
@@ -250,12 +255,28 @@ class Agent:
                 self._stopping[key] = asyncio.create_task(self._stop_instance(key))
         if self._stopping:
             await asyncio.gather(*list(self._stopping.values()), return_exceptions=True)
-        registration.remove(self.keys.node(self.config.node_id))
+        registration.remove(self.tenant_keys.node(self.config.node_id))
         await registration.flush(timeout=3.0)
         log.info("drain complete", reason=self.drain_reason, seconds=round(time.monotonic() - started, 3))
 
+    def _check_servers(self, catalog: dict[str, ModelSpec]) -> None:
+        """Warn (once per model and reason) when gateways will not route to an instance here: the
+        catalog lets other tenants only serve its model (ModelSpec.servers)."""
+        refused = {}
+        for inst in self.instances.values():
+            model = inst.config.model
+            why = refusal_reason(servers_of(catalog.get(model)), self.config.tenant, model)
+            if why:
+                refused[model] = why
+                if self._refused.get(model) != why:
+                    log.warning("gateways will not route to this instance", model=model, tenant=self.config.tenant,
+                                reason=why)
+        self._refused = refused
+
     async def _follow_control(self, desired: DesiredState) -> None:
         """`ctl nodes drain`: a serve-mode agent drains and exits; a pool agent stops taking work."""
+        if "catalog" in desired.loaded:
+            self._check_servers(desired.catalog)
         if desired.drain_requested != self._node_draining:
             self._node_draining = desired.drain_requested
             self._publish_node()

@@ -41,6 +41,7 @@ from controlplane.etcdproc import EtcdProcess
 from controlplane.keys import Keys, decode
 from controlplane.pb import InstanceRecord, InstanceState
 from controlplane.store import EtcdConfig, EtcdStore, KeyValue, StoreError
+from controlplane.tenancy import DEFAULT_TENANT
 from tests.cluster import start_agent, start_gateway, stop_all
 from tests.slurm.lifecycle import MODEL, LifecycleResult, run_lifecycle
 from tests.slurmcluster import SlurmCluster, SlurmUnavailable
@@ -102,7 +103,7 @@ async def _ready_instance_kv(store: EtcdStore, timeout: float) -> KeyValue:
     """The (only) READY instance record, waiting for it."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        kvs, _ = await store.list_prefix(Keys(store.prefix).instances)
+        kvs, _ = await store.list_prefix(Keys(store.prefix).tenant(DEFAULT_TENANT) + "instances/")
         for kv in kvs:
             if decode(InstanceRecord, kv).state == InstanceState.READY:
                 return kv

@@ -13,6 +13,8 @@
         tensor_parallel_options: [1, 2]          # empty = derive from memory
         access: {public: true, allowed_owners: []}
         owner: ml-team
+        servers: [ml-team]          # tenants whose instances gateways route to; empty = any tenant
+                                    # (community-served); "legacy" = agents of the old key layout
 
 Every problem is a `CatalogError` whose message names the model and the field, e.g.
 ``model 'llama-3.1-8b': field 'min_replicas': must be <= max_replicas (4), got 6``.
@@ -30,6 +32,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from controlplane.pb import ModelAccess, ModelSpec
+from controlplane.tenancy import check_tenant_name
 
 #: Engines the agent has adapters for (agent/engines/__init__.py; a test keeps the two equal).
 #: Not imported from there: the control plane must not depend on the agent package.
@@ -78,6 +81,14 @@ class CatalogEntry(BaseModel):
     tensor_parallel_options: tuple[int, ...] = ()
     access: AccessEntry = Field(default_factory=AccessEntry)
     owner: str = ""
+    servers: tuple[str, ...] = ()
+
+    @field_validator("servers")
+    @classmethod
+    def _tenant_names(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        for name in value:
+            check_tenant_name(name, allow_reserved=True)
+        return tuple(sorted(set(value)))
 
     @field_validator("engine")
     @classmethod
@@ -126,6 +137,7 @@ class CatalogEntry(BaseModel):
             tensor_parallel_options=list(self.tensor_parallel_options),
             access=ModelAccess(public=self.access.public, allowed_owners=list(self.access.allowed_owners)),
             owner=self.owner,
+            servers=list(self.servers),
         )
 
 
@@ -189,6 +201,7 @@ def spec_to_entry(spec: ModelSpec) -> dict[str, Any]:
         "access": {"public": spec.access.public or not spec.HasField("access"),
                    "allowed_owners": list(spec.access.allowed_owners)},
         "owner": spec.owner,
+        "servers": list(spec.servers),
     }
 
 

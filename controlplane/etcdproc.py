@@ -79,6 +79,7 @@ class EtcdProcess:
     name: str = "dev"
     initial_cluster: str = ""              # "n1=http://…,n2=http://…"; empty = a single member
     tls: TlsFiles | None = None            # serve clients over TLS (and require client certs if .client_auth)
+    extra_args: tuple[str, ...] = ()       # more etcd flags, e.g. ("--auth-token-ttl", "2")
 
     @classmethod
     def in_temp_dir(cls, **kw: object) -> EtcdProcess:
@@ -118,6 +119,7 @@ class EtcdProcess:
                      "--trusted-ca-file", str(self.tls.ca_cert)]
             if self.tls.client_auth:
                 args.append("--client-cert-auth")
+        args += list(self.extra_args)
         env = dict(os.environ, ETCD_UNSUPPORTED_ARCH=os.environ.get("ETCD_UNSUPPORTED_ARCH", ""))
         with open(self.log_path, "ab") as log:
             # etcd dies with whoever started it, however that process ends (a killed benchmark, Ctrl-C)

@@ -1,16 +1,22 @@
 """The etcd key layout, in one place (documented in docs/etcd-layout.md).
 
-    <prefix>/nodes/<node_id>                           NodeRecord      agent lease
-    <prefix>/instances/<model>/<instance_id>           InstanceRecord  agent lease
-    <prefix>/desired/<node_id>/<assignment_id>         Assignment      written by apply
+    <prefix>/tenants/<tenant>/nodes/<node_id>          NodeRecord      agent lease (tenant's role writes)
+    <prefix>/tenants/<tenant>/instances/<model>/<id>   InstanceRecord  agent lease (tenant's role writes)
+    <prefix>/nodes/<node_id>                           NodeRecord      old layout: tenant "legacy"
+    <prefix>/instances/<model>/<instance_id>           InstanceRecord  old layout: tenant "legacy"
+    <prefix>/desired/<node_ref>/<assignment_id>        Assignment      written by apply
     <prefix>/models/<model>                            ModelSpec       catalog
     <prefix>/keys/<sha256 hex of the API key>          ApiKey
     <prefix>/plans/current                             PlanRecord
     <prefix>/demand/<model>/<gateway_id>               Demand          gateway lease
     <prefix>/gateways/<gateway_id>                     GatewayRecord   gateway lease
     <prefix>/usage/<key_id>/<model>/<gateway_id>       Usage
-    <prefix>/control/nodes/<node_id>                   NodeControl     `ctl nodes drain`
+    <prefix>/control/nodes/<node_ref>                  NodeControl     `ctl nodes drain`
     <prefix>/planner/leader                            (election)      planner lease
+    <prefix>/tokens/…, <prefix>/harvest/…              reserved for the tunnel and harvest records
+
+A node ref is ``<tenant>/<node_id>`` (legacy nodes: the node id), one percent-encoded segment
+(controlplane/tenancy.py).
 
 Model names may contain '/' (HF ids like "meta-llama/Llama-3.1-8B"); they are percent-encoded
 as one key segment so prefixes stay unambiguous.
@@ -26,6 +32,7 @@ from urllib.parse import quote, unquote
 from google.protobuf.message import DecodeError, Message
 
 from controlplane.store.client import KeyValue
+from controlplane.tenancy import LEGACY, node_ref, split_node_ref
 
 M = TypeVar("M", bound=Message)
 
@@ -88,6 +95,39 @@ class Keys:
     def node_controls(self) -> str:
         return self._k("control", "nodes", "")
 
+    @property
+    def tenants(self) -> str:
+        return self._k("tenants", "")
+
+    def tenant(self, tenant: str) -> str:
+        """Everything tenant ``tenant`` may write: ``<prefix>/tenants/<tenant>/``."""
+        return self._k("tenants", encode_segment(tenant), "")
+
+    @property
+    def tokens(self) -> str:
+        return self._k("tokens", "")
+
+    @property
+    def harvest(self) -> str:
+        return self._k("harvest", "")
+
+    @property
+    def plans(self) -> str:
+        return self._k("plans", "")
+
+    @property
+    def planner(self) -> str:
+        return self._k("planner", "")
+
+    @property
+    def root(self) -> str:
+        """The key ``<prefix>/`` itself (probes count it; every role may read it)."""
+        return self.prefix + "/"
+
+    def for_tenant(self, tenant: str) -> TenantKeys:
+        """The keys an agent of ``tenant`` writes and reads (legacy: the old layout)."""
+        return TenantKeys(self, tenant)
+
     # single keys
     def node(self, node_id: str) -> str:
         return self._k("nodes", encode_segment(node_id))
@@ -120,12 +160,46 @@ class Keys:
     def usage_entry(self, key_id: str, model: str, gateway_id: str) -> str:
         return self._k("usage", encode_segment(key_id), encode_segment(model), encode_segment(gateway_id))
 
-    def node_control(self, node_id: str) -> str:
-        return self._k("control", "nodes", encode_segment(node_id))
+    def node_control(self, node_ref: str) -> str:
+        return self._k("control", "nodes", encode_segment(node_ref))
+
+    def node_key_of_ref(self, node_ref: str) -> str:
+        """The node record key of a node ref (``tenant/node_id``, or a legacy node id)."""
+        tenant, node_id = split_node_ref(node_ref)
+        return self.node(node_id) if tenant == LEGACY else self.tenant(tenant) + "nodes/" + encode_segment(node_id)
 
     @property
     def planner_leader(self) -> str:
         return self._k("planner", "leader")
+
+
+@dataclass(frozen=True)
+class TenantKeys:
+    """One tenant's record keys (``legacy``: the old layout) and the refs of its nodes."""
+
+    keys: Keys
+    tenant: str
+
+    @property
+    def legacy(self) -> bool:
+        """True for the old layout's reserved tenant."""
+        return self.tenant == LEGACY
+
+    def node(self, node_id: str) -> str:
+        """Where this tenant's agent registers node ``node_id``."""
+        if self.legacy:
+            return self.keys.node(node_id)
+        return self.keys.tenant(self.tenant) + "nodes/" + encode_segment(node_id)
+
+    def instance(self, model: str, instance_id: str) -> str:
+        """Where this tenant's agent registers an instance."""
+        if self.legacy:
+            return self.keys.instance(model, instance_id)
+        return self.keys.tenant(self.tenant) + "instances/" + encode_segment(model) + "/" + encode_segment(instance_id)
+
+    def node_ref(self, node_id: str) -> str:
+        """How desired/ and control/ name node ``node_id`` of this tenant."""
+        return node_ref(self.tenant, node_id)
 
 
 class RecordDecodeError(ValueError):

@@ -88,3 +88,26 @@ def _iso_utc_timestamp(_: object, __: str, event_dict: structlog.types.EventDict
     second once (a gateway logs a line per request)."""
     event_dict["timestamp"] = iso_utc_now()
     return event_dict
+
+
+class _CurrentStderr:
+    """A structlog logger that writes to whatever ``sys.stderr`` is when it writes (one-shot
+    commands run inside test runners that swap and close stderr between invocations)."""
+
+    def msg(self, message: str) -> None:
+        print(message, file=sys.stderr, flush=True)
+
+    log = debug = info = warn = warning = err = error = critical = exception = fatal = msg
+
+
+def configure_command_logging() -> None:
+    """One-shot `ctl` commands: warnings and up (MODELPOOL_LOG_LEVEL overrides) as plain lines on
+    stderr, never on stdout where tables and JSON go."""
+    numeric = getattr(logging, (os.environ.get("MODELPOOL_LOG_LEVEL") or "warning").upper(), logging.WARNING)
+    structlog.configure(
+        processors=[structlog.contextvars.merge_contextvars, structlog.processors.add_log_level,
+                    _iso_utc_timestamp, structlog.dev.ConsoleRenderer(colors=False)],
+        wrapper_class=structlog.make_filtering_bound_logger(numeric),
+        logger_factory=lambda *_: _CurrentStderr(),
+        cache_logger_on_first_use=False,
+    )

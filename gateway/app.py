@@ -49,6 +49,7 @@ from gateway.routing import SESSION_HEADER
 from gateway.server import Handler, HttpServer, Request, Response
 from gateway.sse import TOKEN_FIELDS, with_usage_requested
 from gateway.table import Endpoint, RoutingTable, engine_card_fields
+from gateway.tenancy import ServePolicy, instance_caches, model_card
 from gateway.upstream import UpstreamPool
 from gateway.usage import DemandMeter, UsageBook
 from gateway.worker_metrics import WorkerMetrics
@@ -97,7 +98,9 @@ class Gateway:
     def __init__(self, config: GatewayConfig) -> None:
         self.config = config
         self.keys = Keys(config.etcd.prefix)
-        self.table = RoutingTable()
+        self.serve_policy = ServePolicy()
+        self.table = RoutingTable(prefix=config.etcd.prefix, servers=self.serve_policy.servers)
+        self.serve_policy.on_change = self.table.policy_changed   # who may serve changed: re-filter
         self.api_keys = KeyTable()
         self.access = ModelAccessTable()
         self.ejections = Ejections()
@@ -206,11 +209,9 @@ class Gateway:
             yield
 
     def _start_caches(self, store: EtcdStore) -> None:
-        instances = WatchedCache(store, self.keys.instances, proto_decoder(InstanceRecord), name="watch-instances",
-                                 handlers=(self._on_instances,))
         models = WatchedCache(store, self.keys.models, proto_decoder(ModelSpec), name="watch-models",
-                              handlers=(self.access.apply,))
-        caches: list[WatchedCache[Any]] = [instances, models]
+                              handlers=(self.access.apply, self.serve_policy.apply))
+        caches: list[WatchedCache[Any]] = [*instance_caches(store, self.keys, self._on_instances), models]
         if self.config.auth:
             caches.append(WatchedCache(store, self.keys.api_keys, proto_decoder(ApiKey), name="watch-keys",
                                        handlers=(self._on_keys,)))
@@ -230,8 +231,8 @@ class Gateway:
             raise
         self._on_connectivity(True)
 
-    def _on_instances(self, event: CacheEvent[InstanceRecord]) -> None:
-        self.table.apply(event)
+    def _on_instances(self, event: CacheEvent[InstanceRecord], scope: str) -> None:
+        self.table.apply(event, scope)
         self.table_updated_at = time.monotonic()
         self.ejections.forget_missing({ep.instance_id for ep in self.table.all()})
 
@@ -358,13 +359,8 @@ class Gateway:
 
     def _model_card(self, model: str) -> dict[str, object]:
         ready = self.table.ready(model)
-        owners = sorted({ep.owner for ep in ready if ep.owner})
-        return {
-            "id": model, "object": "model", "created": int(self.started),
-            "owned_by": owners[0] if owners else "modelpool",
-            "instances": len(ready), "gpu_types": sorted({ep.gpu_type for ep in ready if ep.gpu_type}),
-            **engine_card_fields(ready),
-        }
+        return {**model_card(model, ready, self.serve_policy.servers(model), int(self.started)),
+                **engine_card_fields(ready)}
 
     async def healthz(self, _: Request, response: Response) -> None:
         """Liveness: the process answers."""
@@ -381,6 +377,7 @@ class Gateway:
             "status": "ok", "etcd": "connected" if self.etcd_connected else "unreachable",
             "lease": "held" if lease else "lost",
             "instances": len(self.table), "models": len(self.table.models()), "revision": self.table.revision,
+            "refused_instances": len(self.table.refused()),
             "problems": problems, "loops": {st.name: st.to_dict() for st in statuses},
         }
         if not self.state_loaded:

@@ -6,6 +6,15 @@ STARTING and FAILED ones are kept (so ``/v1/models`` and metrics can tell) but n
 Records without an endpoint or a model are logged and skipped, never fatal (undecodable ones
 never get here: the cache leaves them out).
 
+**Who may serve** (controlplane/tenancy.py): the tenant of an instance is the one its key names
+(``tenants/<tenant>/instances/…``; ``instances/…`` is the legacy tenant), never a field of the
+record. An instance whose tenant may not serve its model (``ModelSpec.servers``, looked up
+through ``servers``) is *refused*: kept in the table, never offered, logged once when it becomes
+refused and listed by ``refused()``. The gateway feeds the table from two caches (``tenants/``
+and the legacy ``instances/``); ``apply(event, scope)`` replaces only the keys under ``scope``.
+Instance and node ids are qualified by the tenant (``alice/node-7-ab12``) so that two tenants
+that pick the same id never share ejections, in-flight counts or session affinity.
+
 Two memories keep a brief etcd outage from looking like a dead pool (``hold_removals``):
 
 * **recently known models**: a model whose last instance went away stays *known* for
@@ -29,6 +38,7 @@ import structlog
 
 from controlplane.pb import InstanceRecord, InstanceState
 from controlplane.store.cache import CacheEvent, Replaced
+from controlplane.tenancy import LEGACY, Servers, node_ref, parse_pool_key, refusal_reason
 
 log = structlog.get_logger(__name__)
 
@@ -45,7 +55,8 @@ class Endpoint:
     max_concurrency: int     # 0 = unknown
     node_id: str
     gpu_type: str
-    owner: str
+    owner: str               # what the agent wrote: informational only, never trusted
+    tenant: str = LEGACY     # from the key path (etcd's roles guarantee it)
     max_model_len: int = 0   # the engine's own /v1/models facts (0 / "" = not reported)
     root: str = ""
     parent: str = ""
@@ -56,13 +67,15 @@ class Endpoint:
         return self.state == InstanceState.READY
 
     @classmethod
-    def from_record(cls, rec: InstanceRecord) -> Endpoint:
-        """The routing view of an InstanceRecord."""
+    def from_record(cls, rec: InstanceRecord, tenant: str = LEGACY, instance_id: str = "") -> Endpoint:
+        """The routing view of an InstanceRecord registered by ``tenant`` (ids qualified by it)."""
+        iid = instance_id or rec.instance_id
         return cls(
-            instance_id=rec.instance_id, model=rec.model, url=rec.endpoint.rstrip("/"), state=rec.state,
+            instance_id=iid if tenant == LEGACY else f"{tenant}/{iid}", model=rec.model,
+            url=rec.endpoint.rstrip("/"), state=rec.state,
             weight=rec.capacity_weight if rec.capacity_weight > 0 else 1.0, max_concurrency=rec.max_concurrency,
-            node_id=rec.node_id, gpu_type=rec.gpu_type, owner=rec.owner, max_model_len=rec.max_model_len,
-            root=rec.model_root, parent=rec.model_parent,
+            node_id=node_ref(tenant, rec.node_id), gpu_type=rec.gpu_type, owner=rec.owner, tenant=tenant,
+            max_model_len=rec.max_model_len, root=rec.model_root, parent=rec.model_parent,
         )
 
 
@@ -85,8 +98,12 @@ def engine_card_fields(ready: tuple[Endpoint, ...]) -> dict[str, object]:
 class RoutingTable:
     """Instances by model; READY ones in a tuple per model for fast picks."""
 
-    def __init__(self, *, remember_s: float = 600.0, max_remembered: int = 10_000,
+    def __init__(self, *, prefix: str = "/modelpool", servers: Callable[[str], Servers] = lambda _: None,
+                 remember_s: float = 600.0, max_remembered: int = 10_000,
                  clock: Callable[[], float] = time.monotonic) -> None:
+        self.prefix = prefix
+        self._servers = servers
+        self._refused: dict[str, tuple[Endpoint, str]] = {}     # key -> (endpoint, why)
         self._by_key: dict[str, Endpoint] = {}
         self._ready: dict[str, tuple[Endpoint, ...]] = {}
         self._models: frozenset[str] = frozenset()
@@ -100,11 +117,12 @@ class RoutingTable:
         self._lingering: dict[str, Endpoint] = {}                # key -> READY endpoint gone from etcd
         self._lingering_ready: dict[str, tuple[Endpoint, ...]] = {}
 
-    def apply(self, event: CacheEvent[InstanceRecord]) -> None:
-        """Apply an event of the instances cache (Replaced: replace all; Delta: patch)."""
+    def apply(self, event: CacheEvent[InstanceRecord], scope: str = "") -> None:
+        """Apply an event of an instances cache (Replaced: replace every key under ``scope``,
+        the cache's prefix; Delta: patch)."""
         before = self._by_key
         if isinstance(event, Replaced):
-            self._by_key = {}
+            self._by_key = {k: ep for k, ep in before.items() if not k.startswith(scope)} if scope else {}
             for key, rec in event.items.items():
                 self._put(key, rec)
             self.loaded = True
@@ -118,12 +136,23 @@ class RoutingTable:
         self._note_removals(before)
         self._rebuild()
 
+    def policy_changed(self) -> None:
+        """Who may serve some model changed (the catalog): recompute what is routable."""
+        self._rebuild()
+
     def _put(self, key: str, rec: InstanceRecord) -> None:
         if not rec.endpoint or not rec.model:
             log.warning("skipping instance record without endpoint or model", key=key)
             self._by_key.pop(key, None)
             return
-        self._by_key[key] = Endpoint.from_record(rec)
+        parsed = parse_pool_key(self.prefix, key)
+        if parsed is None or parsed.kind != "instance" or parsed.model != rec.model:
+            # the model and tenant routed on are the ones the key names; a record that says
+            # otherwise was not written by an agent of ours
+            log.warning("skipping instance record whose key does not name its model", key=key, model=rec.model)
+            self._by_key.pop(key, None)
+            return
+        self._by_key[key] = Endpoint.from_record(rec, parsed.tenant, parsed.instance_id)
 
     # -- outage memories ---------------------------------------------------------------------
 
@@ -153,15 +182,30 @@ class RoutingTable:
         self._lingering.clear()
         self._lingering_ready = {}
 
+    def _refusal(self, ep: Endpoint) -> str:
+        return refusal_reason(self._servers(ep.model), ep.tenant, ep.model)
+
     def _rebuild(self) -> None:
         ready: dict[str, list[Endpoint]] = defaultdict(list)
-        for ep in self._by_key.values():
-            if ep.ready:
+        refused: dict[str, tuple[Endpoint, str]] = {}
+        for key, ep in self._by_key.items():
+            why = self._refusal(ep)
+            if why:
+                refused[key] = (ep, why)
+                if key not in self._refused:  # once per refusal, not per request or event
+                    log.warning("instance refused: not routed", key=key, instance=ep.instance_id, model=ep.model,
+                                tenant=ep.tenant, endpoint=ep.url, reason=why)
+            elif ep.ready:
                 ready[ep.model].append(ep)
+        for key in self._refused.keys() - refused.keys():
+            if key in self._by_key:
+                log.info("instance no longer refused", key=key, model=self._by_key[key].model)
+        self._refused = refused
         self._ready = {m: tuple(sorted(eps, key=lambda e: e.instance_id)) for m, eps in ready.items()}
         lingering: dict[str, list[Endpoint]] = defaultdict(list)
         for ep in self._lingering.values():
-            lingering[ep.model].append(ep)
+            if not self._refusal(ep):
+                lingering[ep.model].append(ep)
         self._lingering_ready = {m: tuple(sorted(eps, key=lambda e: e.instance_id)) for m, eps in lingering.items()}
         models = frozenset(ep.model for ep in self._by_key.values())
         now = self._clock()
@@ -203,6 +247,10 @@ class RoutingTable:
     def all(self) -> list[Endpoint]:
         """Every instance, routable or not."""
         return list(self._by_key.values())
+
+    def refused(self) -> dict[str, tuple[Endpoint, str]]:
+        """Instances not routed because their tenant may not serve their model: key -> (endpoint, why)."""
+        return dict(self._refused)
 
     def __len__(self) -> int:
         return len(self._by_key)

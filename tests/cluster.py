@@ -15,13 +15,30 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from pathlib import Path
 from typing import TypeVar
 
+from controlplane.keys import Keys, TenantKeys
 from controlplane.netutil import free_port
 from controlplane.pb import InstanceRecord, InstanceState
 from controlplane.procs import spawn, stop
+from controlplane.tenancy import DEFAULT_TENANT
 from gateway.app import Gateway, GatewayConfig
 
 T = TypeVar("T")
 CTL = [sys.executable, "-m", "controlplane.cli.main"]
+
+
+def tenant_keys(prefix: str, tenant: str = DEFAULT_TENANT) -> TenantKeys:
+    """Where `ctl agent` (tenant ``tenant``, by default the one agents use without etcd auth) writes."""
+    return Keys(prefix).for_tenant(tenant)
+
+
+def instances_prefix(prefix: str, tenant: str = DEFAULT_TENANT) -> str:
+    """The prefix of a tenant's instance records (``<prefix>/tenants/<tenant>/instances/``)."""
+    return Keys(prefix).tenant(tenant) + "instances/"
+
+
+def nodes_prefix(prefix: str, tenant: str = DEFAULT_TENANT) -> str:
+    """The prefix of a tenant's node records."""
+    return Keys(prefix).tenant(tenant) + "nodes/"
 
 
 def http_ok(url: str, timeout: float = 1.0) -> bool:

@@ -25,6 +25,7 @@ from controlplane.cli.common import (
     EtcdOpt,
     ExitCode,
     KeyOpt,
+    PasswordFileOpt,
     PrefixOpt,
     UserOpt,
     etcd_config,
@@ -33,6 +34,7 @@ from controlplane.cli.common import (
 )
 from controlplane.cli.main import app
 from controlplane.logsetup import configure_logging
+from controlplane.tenancy import DEFAULT_TENANT, TenantNameError, check_node_id, check_tenant_name, tenant_of_user
 
 EXAMPLE = """
 Examples:
@@ -49,6 +51,9 @@ Examples:
 
   # donate 4 GPUs to the planner (pool mode)
   ctl agent --etcd etcd1:2379 --pool
+
+  # with etcd auth on: a tenant's credentials, the password read from a file (never a flag)
+  ctl agent --etcd etcd1:2379 --etcd-user tenant-nlp --etcd-password-file ~/.modelpool/etcd-password --serve m1
 """
 
 
@@ -61,6 +66,22 @@ def parse_pairs(items: list[str], flag: str) -> dict[str, str]:
             fail(f"{flag} expects KEY=VALUE, got {item!r}", ExitCode.USAGE)
         out[key.strip()] = value
     return out
+
+
+def resolve_tenant(flag: str | None, etcd_user: str | None) -> str:
+    """The tenant an agent registers as: ``--tenant``, else the etcd user's (``tenant-<name>``),
+    else the default. Exits 2 when the flag is not a tenant name or names another tenant than the
+    etcd user's (etcd would refuse every write: fail now, with the reason)."""
+    of_user = tenant_of_user(etcd_user)
+    if flag is None:
+        return of_user or DEFAULT_TENANT
+    try:
+        check_tenant_name(flag)
+    except TenantNameError as exc:
+        fail(f"--tenant: {exc}", ExitCode.USAGE)
+    if of_user is not None and flag != of_user:
+        fail(f"--tenant {flag!r}: etcd user {etcd_user!r} may write only tenant {of_user!r}'s records", ExitCode.USAGE)
+    return flag
 
 
 def parse_serve(item: str) -> tuple[str, int]:
@@ -108,12 +129,16 @@ def agent(
                                                    "(default: the one used to reach etcd).")] = "",
     bind_host: Annotated[str, typer.Option("--bind-host", help="Address engines listen on (default: 127.0.0.1 when "
                                            "advertising loopback, else 0.0.0.0).")] = "",
-    owner: Annotated[str, typer.Option("--owner", help="Who adds this capacity (default: $USER).")] = "",
+    owner: Annotated[str, typer.Option("--owner", help="Who adds this capacity (default: $USER); informational: "
+                                       "gateways trust only the tenant of the key path.")] = "",
+    tenant: Annotated[str | None, typer.Option("--tenant", envvar="MODELPOOL_TENANT", help="Tenant whose records "
+                                               "this agent writes (tenants/<tenant>/). Default: the tenant of the "
+                                               f"etcd user (tenant-<name>), else {DEFAULT_TENANT!r}.")] = None,
     label: Annotated[list[str] | None, typer.Option("--label", help="Node label KEY=VALUE; repeatable.")] = None,
     startup_timeout: Annotated[float, typer.Option("--startup-timeout", min=1, help="Seconds an engine may take "
                                                    "to become ready.")] = 1800.0,
     etcd: EtcdOpt = None, etcd_prefix: PrefixOpt = None, etcd_cacert: CaOpt = None, etcd_cert: CertOpt = None,
-    etcd_key: KeyOpt = None, etcd_user: UserOpt = None,
+    etcd_key: KeyOpt = None, etcd_user: UserOpt = None, etcd_password_file: PasswordFileOpt = None,
 ) -> None:
     """Start engines for --serve models and register them in the pool until drained.
 
@@ -123,7 +148,13 @@ def agent(
     configure_logging(component="agent")
     if not serve and not pool:
         fail("nothing to do: give --serve MODEL, --pool, or both", ExitCode.USAGE)
-    config = etcd_config(etcd, etcd_prefix, etcd_cacert, etcd_cert, etcd_key, etcd_user)
+    config = etcd_config(etcd, etcd_prefix, etcd_cacert, etcd_cert, etcd_key, etcd_user, etcd_password_file)
+    agent_tenant = resolve_tenant(tenant, config.user)
+    if node_id is not None:
+        try:
+            check_node_id(node_id)
+        except ValueError as exc:
+            fail(f"--node-id: {exc}", ExitCode.USAGE)
     if engine not in ADAPTERS:
         fail(f"unknown engine {engine!r}; known: {', '.join(sorted(ADAPTERS))}", ExitCode.USAGE)
     try:
@@ -163,6 +194,7 @@ def agent(
         owner=owner or (slurm.user if slurm else "") or os.environ.get("USER", ""), labels=labels,
         timings=InstanceTimings(startup_timeout_s=startup_timeout), pool=pool, engine_options=engine_options,
         cpu=cpu, engine_ports=ports,
+        tenant=agent_tenant,
     )
     try:
         if cfg.serve and not cpu:

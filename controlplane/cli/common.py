@@ -9,8 +9,10 @@ from collections.abc import Awaitable, Callable, Iterable
 from pathlib import Path
 from typing import Annotated, Any, NoReturn, TypeVar
 
+import structlog
 import typer
 
+from controlplane.logsetup import configure_command_logging
 from controlplane.procs import exit_watchdog
 from controlplane.store import EtcdConfig, EtcdConfigError, EtcdStore, StoreError
 
@@ -47,14 +49,26 @@ CertOpt = Annotated[Path | None, typer.Option("--etcd-cert", envvar="MODELPOOL_E
 KeyOpt = Annotated[Path | None, typer.Option("--etcd-key", envvar="MODELPOOL_ETCD_KEY", help="Client key (mTLS).")]
 UserOpt = Annotated[str | None, typer.Option("--etcd-user", envvar="MODELPOOL_ETCD_USER",
                                              help="etcd user (password from MODELPOOL_ETCD_PASSWORD).")]
+PasswordFileOpt = Annotated[Path | None, typer.Option(
+    "--etcd-password-file", envvar="MODELPOOL_ETCD_PASSWORD_FILE",
+    help="File holding the etcd user's password (first line); keeps it off the command line.")]
 OutputOpt = Annotated[OutputFormat, typer.Option("-o", "--output", help="Output format: table or json.")]
 
 
 def etcd_config(etcd: str | None, prefix: str | None, cacert: Path | None = None, cert: Path | None = None,
-                key: Path | None = None, user: str | None = None) -> EtcdConfig:
-    """Build the etcd config from flags (env vars are the fallback), or exit 2 with the reason."""
+                key: Path | None = None, user: str | None = None, password_file: Path | None = None) -> EtcdConfig:
+    """Build the etcd config from flags (env vars are the fallback), or exit 2 with the reason.
+
+    The password comes from ``--etcd-password-file``, else MODELPOOL_ETCD_PASSWORD, else the
+    file named by MODELPOOL_ETCD_PASSWORD_FILE; never from a flag of its own.
+    """
+    if not structlog.is_configured():
+        # a one-shot command: library logs (a token renewed, ...) go to stderr, warnings and up,
+        # never into the table or JSON on stdout. Daemons configured logging before this.
+        configure_command_logging()
     try:
-        return EtcdConfig.from_env(etcd, prefix, ca_cert=cacert, client_cert=cert, client_key=key, user=user)
+        return EtcdConfig.from_env(etcd, prefix, ca_cert=cacert, client_cert=cert, client_key=key, user=user,
+                                   password_file=password_file)
     except EtcdConfigError as exc:
         fail(str(exc), ExitCode.USAGE)
 

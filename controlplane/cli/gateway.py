@@ -14,6 +14,7 @@ from controlplane.cli.common import (
     EtcdOpt,
     ExitCode,
     KeyOpt,
+    PasswordFileOpt,
     PrefixOpt,
     UserOpt,
     etcd_config,
@@ -74,6 +75,7 @@ def gateway(
                                                    "workers get <id>-w<N>.")] = None,
     etcd: EtcdOpt = None, etcd_prefix: PrefixOpt = None, etcd_cacert: CaOpt = None, etcd_cert: CertOpt = None,
     etcd_key: KeyOpt = None, etcd_user: UserOpt = None,
+    etcd_password_file: PasswordFileOpt = None,
 ) -> None:
     """Route OpenAI API calls to READY instances of the pool, streaming included.
 
@@ -81,7 +83,7 @@ def gateway(
     With --workers N, N processes share the port and a parent restarts any that dies.
     """
     configure_logging(component="gateway")
-    config = etcd_config(etcd, etcd_prefix, etcd_cacert, etcd_cert, etcd_key, etcd_user)
+    config = etcd_config(etcd, etcd_prefix, etcd_cacert, etcd_cert, etcd_key, etcd_user, etcd_password_file)
     if no_auth and not is_loopback(host):
         fail(f"--no-auth is only allowed on a loopback address (not {host!r}): anyone could use the pool",
              ExitCode.USAGE)

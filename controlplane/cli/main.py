@@ -27,6 +27,8 @@ COMMAND_MODULES = (
     "nodes",
     "usage",
     "exporter",
+    "auth",
+    "tenants",
 )
 
 

@@ -209,10 +209,11 @@ def list_models(
         print_json({"models": [spec_to_entry(s) for s in specs]})
         return
     print_table(
-        ["model", "engine", "memory gib", "replicas", "tp", "gpu types", "access", "owner"],
+        ["model", "engine", "memory gib", "replicas", "tp", "gpu types", "access", "servers", "owner"],
         [(s.name, s.engine, _gib(s.weight_memory_bytes + s.kv_memory_bytes),
           f"{s.min_replicas}..{s.max_replicas or '*'}", ",".join(map(str, s.tensor_parallel_options)) or "auto",
-          ",".join(s.allowed_gpu_types) or "any", _access(s), s.owner or "-") for s in specs],
+          ",".join(s.allowed_gpu_types) or "any", _access(s), ",".join(s.servers) or "any (community)",
+          s.owner or "-") for s in specs],
         title=f"Models ({len(specs)})",
     )
 

@@ -1,6 +1,8 @@
 """`ctl nodes list | show | drain | undrain`: the agents in the pool, and asking one to drain.
 
 A drain request is a NodeControl record at ``control/nodes/<node>``; the agent watches it.
+Nodes are named by their ref, ``<tenant>/<node_id>`` (a legacy node: its id); a bare node id that
+exactly one tenant uses names that tenant's node.
 
     drain    ──► node registered? (else exit 3 unless --force) ──► txn put NodeControl(drain=true)
                      serve-mode agent: drains every instance, removes its records, exits 0
@@ -43,7 +45,9 @@ from controlplane.cli.main import app
 from controlplane.cli.output import age, print_json, print_table
 from controlplane.keys import Keys, RecordDecodeError, decode, decode_all, decode_segment
 from controlplane.pb import InstanceRecord, InstanceState, NodeControl, NodeRecord
+from controlplane.poolstate import read_pool
 from controlplane.store import Cmp, EtcdConfig, EtcdStore, Op
+from controlplane.tenancy import split_node_ref
 
 nodes_app = typer.Typer(
     help="List the pool's nodes (agents) and drain or undrain one.",
@@ -51,7 +55,8 @@ nodes_app = typer.Typer(
 )
 app.add_typer(nodes_app, name="nodes")
 
-NodeArg = Annotated[str, typer.Argument(help="Node id, as `ctl nodes list` shows it.")]
+NodeArg = Annotated[str, typer.Argument(help="Node, as `ctl nodes list` shows it (tenant/node-id, or a node id "
+                                                "that only one tenant uses).")]
 
 
 # -- pure core ----------------------------------------------------------------------------------
@@ -62,10 +67,19 @@ class NodesSnapshot:
     """Nodes, instances and drain controls read at one etcd revision."""
 
     revision: int
-    nodes: dict[str, NodeRecord]
-    instances: list[InstanceRecord]
-    controls: dict[str, NodeControl]
+    nodes: dict[str, NodeRecord]          # by node ref
+    instances: list[InstanceRecord]       # node_id rewritten to the node's ref
+    controls: dict[str, NodeControl]      # by node ref
     warnings: list[str] = field(default_factory=list)
+    tenants: dict[str, str] = field(default_factory=dict)   # node ref -> tenant
+
+    def resolve(self, name: str) -> str:
+        """The node ref ``name`` means: itself when it is a known ref, else the one tenant node
+        with that id (several: ``name`` unchanged, so the caller reports it as unknown)."""
+        if name in self.nodes or name in self.controls:
+            return name
+        matches = {ref for ref in (*self.nodes, *self.controls) if "/" in ref and ref.split("/", 1)[1] == name}
+        return matches.pop() if len(matches) == 1 else name
 
 
 def gpu_summary(types: Iterable[str]) -> str:
@@ -109,6 +123,7 @@ def node_view(node_id: str, node: NodeRecord | None, instances: Sequence[Instanc
     mine = sorted((i for i in instances if i.node_id == node_id), key=lambda i: (i.model, i.instance_id))
     return {
         "node_id": node_id,
+        "tenant": split_node_ref(node_id)[0],
         "registered": node is not None,
         "hostname": node.hostname if node else "",
         "address": node.address if node else "",
@@ -194,14 +209,23 @@ async def read_nodes(config: EtcdConfig) -> NodesSnapshot:
 
 
 async def _read_nodes(store: EtcdStore, keys: Keys) -> NodesSnapshot:
-    node_kvs, rev = await store.list_prefix(keys.nodes)
-    inst_kvs, _ = await store.list_prefix(keys.instances, revision=rev)
-    ctl_kvs, _ = await store.list_prefix(keys.node_controls, revision=rev)
-    warnings: list[str] = []
-    nodes = {decode_segment(kv.key.rsplit("/", 1)[-1]): n for kv, n in decode_all(NodeRecord, node_kvs, warnings)}
-    instances = [i for _, i in decode_all(InstanceRecord, inst_kvs, warnings)]
+    pool = await read_pool(store, keys)
+    ctl_kvs, _ = await store.list_prefix(keys.node_controls, revision=pool.revision)
+    warnings: list[str] = list(pool.warnings)
+    nodes = {n.ref: n.record for n in pool.nodes}
+    instances = []
+    for entry in pool.instances:
+        inst = InstanceRecord()
+        inst.CopyFrom(entry.record)
+        inst.node_id = entry.node_ref
+        instances.append(inst)
     controls = {decode_segment(kv.key.rsplit("/", 1)[-1]): c for kv, c in decode_all(NodeControl, ctl_kvs, warnings)}
-    return NodesSnapshot(rev, nodes, instances, controls, warnings)
+    return NodesSnapshot(pool.revision, nodes, instances, controls, warnings, {n.ref: n.tenant for n in pool.nodes})
+
+
+async def resolve_node(config: EtcdConfig, name: str) -> str:
+    """The node ref ``name`` means (see ``NodesSnapshot.resolve``)."""
+    return (await read_nodes(config)).resolve(name)
 
 
 async def request_drain(config: EtcdConfig, control: NodeControl, *, force: bool) -> bool:
@@ -212,7 +236,7 @@ async def request_drain(config: EtcdConfig, control: NodeControl, *, force: bool
     NodeNotRegistered is raised when it does not.
     """
     keys = Keys(config.prefix)
-    node_key, control_key = keys.node(control.node_id), keys.node_control(control.node_id)
+    node_key, control_key = keys.node_key_of_ref(control.node_id), keys.node_control(control.node_id)
     put = Op.put(control_key, control.SerializeToString())
     store = await open_store(config)
     try:
@@ -233,7 +257,7 @@ async def clear_drain(config: EtcdConfig, node_id: str) -> tuple[bool, NodeRecor
     store = await open_store(config)
     try:
         deleted = await store.delete(keys.node_control(node_id))
-        kv = await store.get(keys.node(node_id))
+        kv = await store.get(keys.node_key_of_ref(node_id))
     finally:
         await store.close()
     node = None
@@ -292,6 +316,7 @@ def show(
     config = etcd_config(etcd, etcd_prefix, etcd_cacert, etcd_cert, etcd_key, etcd_user)
     snapshot = run_async(lambda: read_nodes(config))
     warn(snapshot.warnings)
+    node = snapshot.resolve(node)
     if node not in snapshot.nodes and node not in snapshot.controls:
         fail(f"no node {node!r} (see `ctl nodes list`)", ExitCode.NOT_FOUND)
     now = time.time()
@@ -350,6 +375,7 @@ def drain(
     if not node.strip():
         fail("NODE must not be empty", ExitCode.USAGE)
     config = etcd_config(etcd, etcd_prefix, etcd_cacert, etcd_cert, etcd_key, etcd_user)
+    node = run_async(lambda: resolve_node(config, node))
     control = drain_control(node, reason, default_requester(), time.time())
     try:
         registered = run_async(lambda: request_drain(config, control, force=force))
@@ -417,6 +443,7 @@ def undrain(
     if not node.strip():
         fail("NODE must not be empty", ExitCode.USAGE)
     config = etcd_config(etcd, etcd_prefix, etcd_cacert, etcd_cert, etcd_key, etcd_user)
+    node = run_async(lambda: resolve_node(config, node))
     existed, record = run_async(lambda: clear_drain(config, node))
     if output is OutputFormat.json:
         print_json({"node_id": node, "drain": False, "had_request": existed, "registered": record is not None})

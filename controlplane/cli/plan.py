@@ -30,6 +30,7 @@ from controlplane.cli.common import (
     KeyOpt,
     OutputFormat,
     OutputOpt,
+    PasswordFileOpt,
     PrefixOpt,
     UserOpt,
     etcd_config,
@@ -40,7 +41,7 @@ from controlplane.cli.common import (
 from controlplane.cli.main import app
 from controlplane.cli.output import print_json, print_table
 from controlplane.keys import Keys
-from controlplane.logsetup import configure_logging
+from controlplane.logsetup import configure_command_logging, configure_logging
 from controlplane.planner.apply import (
     ApplyError,
     ApplyResult,
@@ -69,7 +70,8 @@ TimeLimitOpt = Annotated[float, typer.Option("--time-limit", min=0.1, help="Solv
 
 def _quiet_logs() -> None:
     """One-shot commands: logs to stderr, warnings and up unless MODELPOOL_LOG_LEVEL says otherwise."""
-    configure_logging(level=os.environ.get("MODELPOOL_LOG_LEVEL", "warning"), component="ctl")
+    # to whatever stderr is when a line is written: in-process runs (tests) swap and close it
+    configure_command_logging()
 
 
 def _load_cluster(path: Path | None) -> ClusterConfig:
@@ -258,12 +260,13 @@ def planner_run(
     planner_id: Annotated[str, typer.Option("--id", help="This planner's identity (default: user@host pid).")] = "",
     etcd: EtcdOpt = None, etcd_prefix: PrefixOpt = None, etcd_cacert: CaOpt = None, etcd_cert: CertOpt = None,
     etcd_key: KeyOpt = None, etcd_user: UserOpt = None,
+    etcd_password_file: PasswordFileOpt = None,
 ) -> None:
     """Plan and apply every --interval seconds while holding the planner leadership."""
     from controlplane.planner.daemon import DaemonConfig, PlannerDaemon
 
     configure_logging(component="planner")
-    config = etcd_config(etcd, etcd_prefix, etcd_cacert, etcd_cert, etcd_key, etcd_user)
+    config = etcd_config(etcd, etcd_prefix, etcd_cacert, etcd_cert, etcd_key, etcd_user, etcd_password_file)
     cfg = DaemonConfig(cluster=_load_cluster(cluster), demand_override=_load_demand(demand), interval_s=interval,
                        max_churn=max_churn, time_limit_s=time_limit, lease_ttl=lease_ttl,
                        identity=planner_id or applied_by(f"planner pid {os.getpid()}"))

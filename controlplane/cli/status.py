@@ -1,4 +1,9 @@
-"""`ctl status`: what the pool looks like right now (nodes, instances, models, gateways)."""
+"""`ctl status`: what the pool looks like right now (nodes, instances, models, gateways).
+
+Nodes and instances come from both key layouts, each with the tenant its key names; an instance
+whose tenant may not serve its model (``ModelSpec.servers``) is shown as refused, with the
+reason, exactly as gateways refuse it (controlplane/tenancy.py decides for both).
+"""
 
 from __future__ import annotations
 
@@ -22,9 +27,11 @@ from controlplane.cli.common import (
 )
 from controlplane.cli.main import app
 from controlplane.cli.output import age, print_json, print_table
-from controlplane.keys import Keys, decode_all
-from controlplane.pb import Demand, GatewayRecord, InstanceRecord, InstanceState, ModelSpec, NodeRecord
+from controlplane.keys import Keys, decode_all, decode_segment
+from controlplane.pb import Demand, GatewayRecord, InstanceState, ModelSpec
+from controlplane.poolstate import read_pool
 from controlplane.store import EtcdConfig
+from controlplane.tenancy import Servers, refusal_reason, servers_of
 
 
 async def read_status(config: EtcdConfig) -> dict[str, Any]:
@@ -32,39 +39,49 @@ async def read_status(config: EtcdConfig) -> dict[str, Any]:
     store = await open_store(config)
     keys = Keys(config.prefix)
     try:
-        node_kvs, rev = await store.list_prefix(keys.nodes)
-        inst_kvs, _ = await store.list_prefix(keys.instances, revision=rev)
+        pool = await read_pool(store, keys)
+        rev = pool.revision
         model_kvs, _ = await store.list_prefix(keys.models, revision=rev)
         gateway_kvs, _ = await store.list_prefix(keys.gateways, revision=rev)
         demand_kvs, _ = await store.list_prefix(keys.demand, revision=rev)
     finally:
         await store.close()
-    errors: list[str] = []
-    nodes = [n for _, n in decode_all(NodeRecord, node_kvs, errors)]
-    instances = [i for _, i in decode_all(InstanceRecord, inst_kvs, errors)]
-    specs = [m for _, m in decode_all(ModelSpec, model_kvs, errors)]
+    errors: list[str] = list(pool.warnings)
+    spec_kvs = decode_all(ModelSpec, model_kvs, errors)
+    specs = [m for _, m in spec_kvs]
+    servers: dict[str, Servers] = {decode_segment(kv.key.rsplit("/", 1)[-1]): servers_of(m) for kv, m in spec_kvs}
+    for bad in {kv.key for kv in model_kvs} - {kv.key for kv, _ in spec_kvs}:
+        servers[decode_segment(bad.rsplit("/", 1)[-1])] = frozenset()  # unreadable: nobody (as gateways)
     gateways = [g for _, g in decode_all(GatewayRecord, gateway_kvs, errors)]
     demand = [d for _, d in decode_all(Demand, demand_kvs, errors)]
     models: dict[str, dict[str, Any]] = {}
 
     def model_row(name: str) -> dict[str, Any]:
-        return models.setdefault(name, {"model": name, "ready": 0, "instances": 0, "in_catalog": False,
-                                        "min_replicas": 0, "requests_per_second": 0.0, "in_flight": 0})
+        return models.setdefault(name, {"model": name, "ready": 0, "instances": 0, "refused": 0, "in_catalog": False,
+                                        "min_replicas": 0, "servers": [], "community_served": True,
+                                        "requests_per_second": 0.0, "in_flight": 0})
 
     for spec in specs:
-        model_row(spec.name).update(in_catalog=True, min_replicas=spec.min_replicas)
-    for inst in instances:
-        m = model_row(inst.model)
+        model_row(spec.name).update(in_catalog=True, min_replicas=spec.min_replicas, servers=sorted(spec.servers),
+                                    community_served=not spec.servers)
+    instances: list[dict[str, Any]] = []
+    for entry in pool.instances:
+        inst = entry.record
+        why = refusal_reason(servers.get(entry.model), entry.tenant, entry.model)
+        m = model_row(entry.model)
         m["instances"] += 1
-        m["ready"] += inst.state == InstanceState.READY
+        m["ready"] += inst.state == InstanceState.READY and not why
+        m["refused"] += bool(why)
+        instances.append({**_dict(inst), "tenant": entry.tenant, "node_ref": entry.node_ref,
+                          "routable": inst.state == InstanceState.READY and not why, "refused": why})
     for d in demand:  # summed over the gateways that publish it
         m = model_row(d.model)
         m["requests_per_second"] = round(m["requests_per_second"] + d.requests_per_second, 3)
         m["in_flight"] += d.in_flight
     return {
         "revision": rev,
-        "nodes": [_dict(n) for n in nodes],
-        "instances": [_dict(i) for i in instances],
+        "nodes": [{**_dict(n.record), "tenant": n.tenant, "node_ref": n.ref} for n in pool.nodes],
+        "instances": instances,
         "models": sorted(models.values(), key=lambda m: m["model"]),
         "gateways": sorted((_dict(g) for g in gateways), key=lambda g: g["gateway_id"]),
         "errors": errors,
@@ -96,10 +113,11 @@ def status(
         return
     now_ms = int(time.time() * 1000)
     print_table(
-        ["node", "gpus", "slurm job", "ends", "mode", "age"],
+        ["node", "tenant", "gpus", "slurm job", "ends", "mode", "age"],
         [
             (
-                n.get("node_id"),
+                n.get("node_ref"),
+                n.get("tenant"),
                 _gpu_summary(n),
                 (n.get("slurm") or {}).get("job_id", "-"),
                 _ends(int(n.get("end_time_unix", 0))),
@@ -111,14 +129,16 @@ def status(
         title=f"Nodes ({len(data['nodes'])})",
     )
     print_table(
-        ["model", "instance", "state", "endpoint", "node", "engine", "restarts", "age"],
+        ["model", "instance", "tenant", "state", "routed", "endpoint", "node", "engine", "restarts", "age"],
         [
             (
                 i.get("model"),
                 i.get("instance_id"),
+                i.get("tenant"),
                 i.get("state", "INSTANCE_STATE_UNSPECIFIED"),
+                "refused" if i["refused"] else "yes" if i["routable"] else "no",
                 i.get("endpoint"),
-                i.get("node_id"),
+                i.get("node_ref"),
                 i.get("engine"),
                 i.get("restarts", 0),
                 age(int(i.get("started_unix_ms", 0)), now_ms),
@@ -128,9 +148,9 @@ def status(
         title=f"Instances ({len(data['instances'])})",
     )
     print_table(
-        ["model", "ready", "instances", "min replicas", "catalog", "req/s", "in flight"],
-        [(m["model"], m["ready"], m["instances"], m["min_replicas"], "yes" if m["in_catalog"] else "no",
-          f"{m['requests_per_second']:g}", m["in_flight"])
+        ["model", "ready", "instances", "refused", "servers", "min replicas", "catalog", "req/s", "in flight"],
+        [(m["model"], m["ready"], m["instances"], m["refused"], ",".join(m["servers"]) or "any (community)",
+          m["min_replicas"], "yes" if m["in_catalog"] else "no", f"{m['requests_per_second']:g}", m["in_flight"])
          for m in data["models"]],
         title=f"Models ({len(data['models'])})",
     )
@@ -140,6 +160,9 @@ def status(
          for g in data["gateways"]],
         title=f"Gateways ({len(data['gateways'])})",
     )
+    for i in data["instances"]:
+        if i["refused"]:
+            print(f"refused: instance {i.get('instance_id')} of tenant {i['tenant']}: {i['refused']}")
     for err in data["errors"]:
         print(f"warning: {err}")
 

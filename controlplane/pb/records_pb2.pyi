@@ -150,7 +150,7 @@ class ModelAccess(_message.Message):
     def __init__(self, public: _Optional[bool] = ..., allowed_owners: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class ModelSpec(_message.Message):
-    __slots__ = ("name", "engine", "source", "engine_args", "weight_memory_bytes", "kv_memory_bytes", "min_replicas", "allowed_gpu_types", "tensor_parallel_options", "access", "owner", "max_replicas")
+    __slots__ = ("name", "engine", "source", "engine_args", "weight_memory_bytes", "kv_memory_bytes", "min_replicas", "allowed_gpu_types", "tensor_parallel_options", "access", "owner", "max_replicas", "servers")
     NAME_FIELD_NUMBER: _ClassVar[int]
     ENGINE_FIELD_NUMBER: _ClassVar[int]
     SOURCE_FIELD_NUMBER: _ClassVar[int]
@@ -163,6 +163,7 @@ class ModelSpec(_message.Message):
     ACCESS_FIELD_NUMBER: _ClassVar[int]
     OWNER_FIELD_NUMBER: _ClassVar[int]
     MAX_REPLICAS_FIELD_NUMBER: _ClassVar[int]
+    SERVERS_FIELD_NUMBER: _ClassVar[int]
     name: str
     engine: str
     source: str
@@ -175,7 +176,8 @@ class ModelSpec(_message.Message):
     access: ModelAccess
     owner: str
     max_replicas: int
-    def __init__(self, name: _Optional[str] = ..., engine: _Optional[str] = ..., source: _Optional[str] = ..., engine_args: _Optional[_Iterable[str]] = ..., weight_memory_bytes: _Optional[int] = ..., kv_memory_bytes: _Optional[int] = ..., min_replicas: _Optional[int] = ..., allowed_gpu_types: _Optional[_Iterable[str]] = ..., tensor_parallel_options: _Optional[_Iterable[int]] = ..., access: _Optional[_Union[ModelAccess, _Mapping]] = ..., owner: _Optional[str] = ..., max_replicas: _Optional[int] = ...) -> None: ...
+    servers: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, name: _Optional[str] = ..., engine: _Optional[str] = ..., source: _Optional[str] = ..., engine_args: _Optional[_Iterable[str]] = ..., weight_memory_bytes: _Optional[int] = ..., kv_memory_bytes: _Optional[int] = ..., min_replicas: _Optional[int] = ..., allowed_gpu_types: _Optional[_Iterable[str]] = ..., tensor_parallel_options: _Optional[_Iterable[int]] = ..., access: _Optional[_Union[ModelAccess, _Mapping]] = ..., owner: _Optional[str] = ..., max_replicas: _Optional[int] = ..., servers: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class ApiKey(_message.Message):
     __slots__ = ("key_id", "owner", "allowed_models", "requests_per_minute", "tokens_per_minute", "expires_unix", "created_unix", "revoked", "description", "admin")

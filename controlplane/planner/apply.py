@@ -238,10 +238,11 @@ def _guards(keys: Keys, records: LiveRecords, actions: Sequence[PlannedAction]
     for model in sorted({a.model for a in starts}):
         guards.append(Guard(key=keys.model(model), mod_revision=mods.get(keys.model(model), 0), what=f"model {model}"))
     for node in sorted({a.node_id for a in starts}):
-        guards.append(Guard(key=keys.node(node), mod_revision=mods.get(keys.node(node), 0), what=f"node {node}"))
+        node_key = keys.node_key_of_ref(node)
+        guards.append(Guard(key=node_key, mod_revision=mods.get(node_key, 0), what=f"node {node}"))
     read: dict[str, PrefixRead] = {}
-    for name, prefix in (("nodes", keys.nodes), ("instances", keys.instances), ("desired", keys.desired),
-                         ("models", keys.models), ("demand", keys.demand)):
+    for name, prefix in (("tenants", keys.tenants), ("nodes", keys.nodes), ("instances", keys.instances),
+                         ("desired", keys.desired), ("models", keys.models), ("demand", keys.demand)):
         revs = [r for k, r in mods.items() if k.startswith(prefix)]
         read[name] = PrefixRead(keys=len(revs), max_mod_revision=max(revs, default=0))
     read["plans/current"] = PrefixRead(keys=int(keys.current_plan in mods), max_mod_revision=mods.get(
@@ -278,7 +279,7 @@ def fit_transaction(pf: PlanFile, *, max_ops: int = MAX_TXN_OPS, extra_compares:
     if len(stops) <= room:
         by_key = {g.key: g for g in pf.guards}
         for a in starts:
-            need = {k for k in (keys.model(a.model), keys.node(a.node_id)) if k in by_key} - guard_keys
+            need = {k for k in (keys.model(a.model), keys.node_key_of_ref(a.node_id)) if k in by_key} - guard_keys
             if (len(kept_stops) + len(kept_starts) + 1 >= max_ops
                     or len(base) + len(guard_keys) + len(need) + extra_compares > max_ops):
                 break

@@ -16,7 +16,15 @@ from collections import Counter, defaultdict
 from collections.abc import Callable
 
 from controlplane.planner.diff import Plan, ReplicaKey, available_gpus, build_plan
-from controlplane.planner.snapshot import ModelInfo, NodeInfo, Snapshot, ThroughputTable, gpu_type_allowed, tp_options
+from controlplane.planner.snapshot import (
+    ModelInfo,
+    NodeInfo,
+    Snapshot,
+    ThroughputTable,
+    gpu_type_allowed,
+    tenant_allowed,
+    tp_options,
+)
 
 
 class _Pool:
@@ -28,6 +36,7 @@ class _Pool:
         )
         self.free: dict[tuple[str, str], int] = {}
         self.memory: dict[tuple[str, str], float] = {}
+        self.tenant = {node.node_id: node.tenant for node in self.nodes}
         for node in self.nodes:
             for gtype, idx in available_gpus(snapshot, node).items():
                 self.free[(node.node_id, gtype)] = len(idx)
@@ -37,7 +46,7 @@ class _Pool:
     def smallest_tp(self, model: ModelInfo, node_id: str, gtype: str) -> int | None:
         """The smallest TP option of `model` that fits memory and the free GPUs of (node, type)."""
         free = self.free.get((node_id, gtype), 0)
-        if free == 0 or not gpu_type_allowed(model, gtype):
+        if free == 0 or not gpu_type_allowed(model, gtype) or not tenant_allowed(model, self.tenant[node_id]):
             return None
         opts = [tp for tp in tp_options(model, self.memory[(node_id, gtype)]) if tp <= free]
         return opts[0] if opts else None

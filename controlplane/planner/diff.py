@@ -20,6 +20,7 @@ from controlplane.planner.snapshot import (
     Snapshot,
     ThroughputTable,
     gpu_type_allowed,
+    tenant_allowed,
     tp_options,
 )
 
@@ -166,7 +167,7 @@ def keepable(snapshot: Snapshot, node: NodeInfo | None, rep: RunningReplica) -> 
     if node is None or node.draining or model is None:
         return False
     gtype = replica_gpu_type(node, rep)
-    if gtype is None or not gpu_type_allowed(model, gtype):
+    if gtype is None or not gpu_type_allowed(model, gtype) or not tenant_allowed(model, node.tenant):
         return False
     mem = min(node.gpu(i).memory_gib for i in rep.gpu_indices)
     return rep.tp * mem >= model.memory_gib
@@ -317,7 +318,7 @@ def _score(
 def fits(snapshot: Snapshot, node: NodeInfo, model_name: str, gpu_type: str, tp: int) -> bool:
     """Whether a replica of `model_name` at `tp` on `gpu_type` GPUs of `node` is allowed and fits memory."""
     model = snapshot.model(model_name)
-    if model is None or not gpu_type_allowed(model, gpu_type):
+    if model is None or not gpu_type_allowed(model, gpu_type) or not tenant_allowed(model, node.tenant):
         return False
     mems = [g.memory_gib for g in node.gpus if g.type == gpu_type]
     return bool(mems) and tp in tp_options(model, min(mems))

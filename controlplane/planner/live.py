@@ -1,13 +1,18 @@
 """Build a planner `Snapshot` from etcd: read everything at one revision, then assemble (pure).
 
-    read_live(store, keys) ──▶ LiveRecords        nodes/ listed at revision R (the newest), then
-        │                                          desired/, instances/, models/, demand/, plans/
-        │                                          listed *at R*: one consistent cut of the store
+    read_live(store, keys) ──▶ LiveRecords        tenants/ listed at revision R (the newest), then
+        │                                          nodes/, instances/ (legacy), desired/, models/,
+        │                                          demand/, plans/ listed *at R*: one consistent cut
         ▼
     assemble_snapshot(records, cluster, now) ──▶ Assembly(snapshot, warnings, invalid)
 
 What comes from where:
 
+* tenants: a node or instance belongs to the tenant its key names (controlplane/tenancy.py); the
+  planner names nodes by *node ref* (``<tenant>/<node_id>``, a legacy node by its id) and
+  ``read_live`` rewrites ``node_id`` of node and instance records to it, so every relation below
+  (instances on a node, desired/<ref>/) stays within one tenant. A model with ``servers`` is
+  placed only on nodes of those tenants (the gateway would not route to the others).
 * nodes: ``NodeRecord`` with ``pool = true`` (the agent's ``--pool`` flag); GPUs, ``draining``,
   ``end_time_unix``. Free GPUs are the record's ``free_gpu_indices`` minus GPUs that an instance
   record claims without a desired assignment behind it (an instance still draining after a STOP).
@@ -52,7 +57,9 @@ from controlplane.planner.snapshot import (
     describe_validation_error,
     read_data_file,
 )
+from controlplane.poolstate import read_pool
 from controlplane.store import EtcdStore, KeyValue
+from controlplane.tenancy import split_node_ref
 
 GIB = float(1 << 30)
 
@@ -131,13 +138,14 @@ class Assembly:
 
 
 async def read_live(store: EtcdStore, keys: Keys) -> LiveRecords:
-    """Read every prefix the planner needs at one revision (the newest when nodes/ was listed)."""
-    node_kvs, rev = await store.list_prefix(keys.nodes)
+    """Read every prefix the planner needs at one revision (the newest when tenants/ was listed)."""
+    pool = await read_pool(store, keys)
+    rev = pool.revision
     at = {name: (await store.list_prefix(prefix, revision=rev))[0] for name, prefix in (
-        ("instances", keys.instances), ("desired", keys.desired), ("models", keys.models),
+        ("desired", keys.desired), ("models", keys.models),
         ("demand", keys.demand), ("plans", keys.current_plan.rsplit("/", 1)[0] + "/"))}
-    warnings: list[str] = []
-    mods: dict[str, int] = {}
+    warnings: list[str] = list(pool.warnings)
+    mods: dict[str, int] = dict(pool.mod_revisions)
 
     def decoded(kvs: Sequence[KeyValue], msg_type: type[Any]) -> list[Any]:
         out = []
@@ -157,10 +165,21 @@ async def read_live(store: EtcdStore, keys: Keys) -> LiveRecords:
             desired.append(a)
     plans = [kv for kv in at["plans"] if kv.key == keys.current_plan]
     current = decoded(plans, PlanRecord)
+    nodes, instances = [], []
+    for n in pool.nodes:
+        node = NodeRecord()
+        node.CopyFrom(n.record)
+        node.node_id = n.ref
+        nodes.append(node)
+    for i in pool.instances:
+        inst = InstanceRecord()
+        inst.CopyFrom(i.record)
+        inst.node_id = i.node_ref
+        instances.append(inst)
     return LiveRecords(
         revision=rev,
-        nodes=tuple(decoded(node_kvs, NodeRecord)),
-        instances=tuple(decoded(at["instances"], InstanceRecord)),
+        nodes=tuple(nodes),
+        instances=tuple(instances),
         desired=tuple(desired),
         models=tuple(decoded(at["models"], ModelSpec)),
         demand=tuple(decoded(at["demand"], Demand)),
@@ -248,6 +267,7 @@ def _node_info(rec: NodeRecord, assignments: Sequence[Assignment], instances: Se
     free = sorted((set(rec.free_gpu_indices) & indices) - draining_gpus)
     return NodeInfo(
         node_id=rec.node_id,
+        tenant=split_node_ref(rec.node_id)[0],
         gpus=tuple(GpuInfo(index=g.index, type=g.type, memory_gib=max(g.memory_bytes / GIB, 1e-9))
                    for g in sorted(rec.gpus, key=lambda g: g.index)),
         free_gpu_indices=tuple(free),
@@ -287,6 +307,7 @@ def _model_info(spec: ModelSpec, cluster: ClusterConfig) -> ModelInfo:
         allowed_gpu_types=tuple(spec.allowed_gpu_types),
         tensor_parallel_options=tuple(t for t in spec.tensor_parallel_options if t in KNOWN_TP_DEGREES),
         reference_rps=cluster.reference_rps.get(spec.name, cluster.default_reference_rps),
+        servers=tuple(sorted(spec.servers)),
     )
 
 

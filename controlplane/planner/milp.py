@@ -33,7 +33,7 @@ import pulp
 import structlog
 
 from controlplane.planner.diff import ReplicaKey
-from controlplane.planner.snapshot import Snapshot, ThroughputTable, gpu_type_allowed, tp_options
+from controlplane.planner.snapshot import Snapshot, ThroughputTable, gpu_type_allowed, tenant_allowed, tp_options
 
 log = structlog.get_logger(__name__)
 
@@ -60,6 +60,7 @@ class Unit:
     memory: dict[str, float]
     bins: dict[str, list[tuple[str, int]]] = field(default_factory=dict)
     keep: list[KeepGroup] = field(default_factory=list)
+    tenant: str | None = None     # whose nodes (ModelSpec.servers); None: several tenants' nodes
 
     @property
     def node_ids(self) -> list[str]:
@@ -140,7 +141,7 @@ def solve_units(
             biggest = max([c for _, c in bins] + ([] if unit.single else [g.key[1] for _, g in groups]))
             new_vars: list[tuple[int, pulp.LpVariable]] = []
             for model in snapshot.models:
-                if not gpu_type_allowed(model, gtype):
+                if not gpu_type_allowed(model, gtype) or not tenant_allowed(model, unit.tenant):
                     continue
                 for tp in tp_options(model, unit.memory[gtype]):
                     if tp > biggest:

@@ -189,7 +189,10 @@ def _frame(snapshot: Snapshot, now: float) -> _Frame:
 
 def _units(snapshot: Snapshot, frame: _Frame, split: set[str]) -> list[Unit]:
     units: list[Unit] = []
-    classes: dict[tuple[str, float], Unit] = {}
+    classes: dict[tuple[str, float, str | None], Unit] = {}
+    # Classes mix tenants' nodes unless some model may be served by some tenants only (servers):
+    # then a class is one tenant's, so the MILP knows which models each class may host.
+    by_tenant = any(m.servers for m in snapshot.models)
     for node in frame.eligible:
         avail = {t: len(ix) for t, ix in available_gpus(snapshot, node).items()}
         if not avail:
@@ -199,16 +202,18 @@ def _units(snapshot: Snapshot, frame: _Frame, split: set[str]) -> list[Unit]:
         groups = [KeepGroup(node.node_id, key, c) for key, c in sorted(running.items())]
         if node.node_id in split:
             bins = {t: [(node.node_id, c)] for t, c in avail.items()}
-            units.append(Unit(node.node_id, True, memory, bins, groups))
+            units.append(Unit(node.node_id, True, memory, bins, groups, tenant=node.tenant))
             continue
+        tenant = node.tenant if by_tenant else None
         for t, c in avail.items():
-            unit = classes.get((t, memory[t]))
+            unit = classes.get((t, memory[t], tenant))
             if unit is None:
-                unit = classes[(t, memory[t])] = Unit(f"class:{t}/{memory[t]:g}GiB", False, {t: memory[t]}, {t: []})
+                name = f"class:{t}/{memory[t]:g}GiB" + (f"/{tenant}" if tenant is not None else "")
+                unit = classes[(t, memory[t], tenant)] = Unit(name, False, {t: memory[t]}, {t: []}, tenant=tenant)
             held = sum(g.key[1] * g.count for g in groups if g.key[2] == t)
             unit.bins[t].append((node.node_id, c - held))
             unit.keep.extend(g for g in groups if g.key[2] == t)
-    units.extend(classes[k] for k in sorted(classes))
+    units.extend(classes[k] for k in sorted(classes, key=lambda k: (k[0], k[1], k[2] or "")))
     return units
 
 

@@ -22,6 +22,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 # Tensor-parallel degrees: the catalog's. Powers of two keep GPU packing exact (see model.py).
 from controlplane.catalog import KNOWN_TP_DEGREES, check_tp_degree
+from controlplane.tenancy import LEGACY
 
 
 class SnapshotError(ValueError):
@@ -53,6 +54,7 @@ class NodeInfo(_Frozen):
     free_gpu_indices: tuple[int, ...] = ()
     end_time_unix: int = Field(default=0, ge=0, description="0 = unknown / unlimited")
     draining: bool = False
+    tenant: str = Field(default=LEGACY, description="whose agent offers the node (from its key path)")
 
     @model_validator(mode="after")
     def _check_indices(self) -> NodeInfo:
@@ -86,6 +88,7 @@ class ModelInfo(_Frozen):
     max_replicas: int = Field(default=0, ge=0, description="0 = unbounded")
     allowed_gpu_types: tuple[str, ...] = Field(default=(), description="empty = any")
     tensor_parallel_options: tuple[int, ...] = Field(default=(), description="empty = derive from memory")
+    servers: tuple[str, ...] = Field(default=(), description="tenants that may serve it; empty = any")
     reference_rps: float = Field(
         default=1.0,
         gt=0,
@@ -266,6 +269,12 @@ def tp_options(model: ModelInfo, gpu_memory_gib: float) -> tuple[int, ...]:
 def gpu_type_allowed(model: ModelInfo, gpu_type: str) -> bool:
     """Whether the catalog lets `model` run on `gpu_type`."""
     return not model.allowed_gpu_types or gpu_type in model.allowed_gpu_types
+
+
+def tenant_allowed(model: ModelInfo, tenant: str | None) -> bool:
+    """Whether a node of ``tenant`` may serve ``model`` (``ModelSpec.servers``; the gateway routes to
+    nobody else). ``None`` is a class of nodes of several tenants: only for unrestricted models."""
+    return not model.servers or (tenant is not None and tenant in model.servers)
 
 
 class ThroughputTable:

@@ -86,11 +86,13 @@ def proto_decoder(message_type: type[M]) -> Callable[[KeyValue], M]:
     return decode
 
 
-def to_event(update: Resync | Changes, decode: Callable[[KeyValue], T], *, name: str = "") -> CacheEvent[T]:
+def to_event(update: Resync | Changes, decode: Callable[[KeyValue], T], *, name: str = "",
+             accept: Callable[[str], bool] | None = None) -> CacheEvent[T]:
     """Decode one watch update into a typed event (pure: the cache and tests use it alike).
 
     Changes are folded per key (the last event of a key in the batch wins). A value that does not
-    decode is logged and named in ``bad``, never fatal.
+    decode is logged and named in ``bad``, never fatal. With ``accept``, keys it says no to are
+    not part of the cache at all (a prefix that holds several record types: ``tenants/``).
     """
 
     def one(kv: KeyValue) -> T | None:
@@ -104,13 +106,15 @@ def to_event(update: Resync | Changes, decode: Callable[[KeyValue], T], *, name:
         items: dict[str, T] = {}
         bad: set[str] = set()
         for key, kv in update.items.items():
+            if accept is not None and not accept(key):
+                continue
             rec = one(kv)
             if rec is None:
                 bad.add(key)
             else:
                 items[key] = rec
         return Replaced(items, frozenset(bad), update.revision)
-    folded: dict[str, KeyValue | None] = {c.key: c.kv for c in update.changes}
+    folded: dict[str, KeyValue | None] = {c.key: c.kv for c in update.changes if accept is None or accept(c.key)}
     upserts: dict[str, T] = {}
     deletes: set[str] = set()
     bad = set()
@@ -134,16 +138,18 @@ class WatchedCache(Generic[T]):
     """The decoded records under ``prefix``, by full key; see the module docstring.
 
     ``decode`` turns a KeyValue into a record (raise RecordError, or any ValueError, to leave it
-    out); ``proto_decoder(MessageType)`` is the usual one. Handlers are called synchronously,
+    out); ``proto_decoder(MessageType)`` is the usual one. ``accept`` picks the keys under the
+    prefix that belong to the cache (default: all). Handlers are called synchronously,
     in order, after the cache itself changed.
     """
 
     def __init__(self, store: EtcdStore, prefix: str, decode: Callable[[KeyValue], T], *, name: str,
                  handlers: tuple[Handler[T], ...] = (), progress_every_s: float = 5.0,
-                 stall_s: float | None = None) -> None:
+                 stall_s: float | None = None, accept: Callable[[str], bool] | None = None) -> None:
         self.store = store
         self.prefix = prefix if prefix.endswith("/") else prefix + "/"
         self.decode = decode
+        self.accept = accept
         self.name = name
         self.progress_every_s = progress_every_s
         # A healthy stream answers every progress request; three missed ones mean it is dead.
@@ -207,7 +213,7 @@ class WatchedCache(Generic[T]):
             progress()
 
     def _replace(self, update: Resync) -> None:
-        event = to_event(update, self.decode, name=self.name)
+        event = to_event(update, self.decode, name=self.name, accept=self.accept)
         assert isinstance(event, Replaced)  # a Resync always gives a Replaced
         self.bad_records_total += len(event.bad)
         self._items, self._bad, self.revision = dict(event.items), set(event.bad), event.revision
@@ -219,7 +225,7 @@ class WatchedCache(Generic[T]):
         self._notify(event)
 
     def _patch(self, update: Changes) -> None:
-        event = to_event(update, self.decode, name=self.name)
+        event = to_event(update, self.decode, name=self.name, accept=self.accept)
         assert isinstance(event, Delta)  # Changes always give a Delta
         self.bad_records_total += len(event.bad)
         for key, rec in event.upserts.items():

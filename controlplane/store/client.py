@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import asyncio
 import socket
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import grpc
 import structlog
@@ -31,6 +31,8 @@ from controlplane.store.config import EtcdConfig, parse_endpoint
 from controlplane.store.errors import LeaseLost, StoreAuthError, StoreError, StoreUnavailable, TxnConflict
 
 log = structlog.get_logger(__name__)
+
+R = TypeVar("R")
 
 
 @dataclass(frozen=True, slots=True)
@@ -104,12 +106,18 @@ def _resolve(host: str, port: int) -> list[str]:
     return sorted({f"{info[4][0]}:{port}" for info in infos})
 
 
+#: etcd's answers (INVALID_ARGUMENT or UNAUTHENTICATED) that are about credentials, not the request.
+_AUTH_ERRORS = ("user name is empty", "authentication failed", "authentication is not enabled",
+                "invalid auth token", "revision of auth store is old", "permission denied")
+
+
 def _translate(exc: BaseException, what: str) -> StoreError:
     detail = exc.details() if isinstance(exc, grpc.aio.AioRpcError) else str(exc)
     if "lease not found" in (detail or ""):
         return LeaseLost(f"{what}: the lease expired or was revoked")
-    if isinstance(exc, EtcdUnauthenticatedError | EtcdPermissionDeniedError):
-        return StoreAuthError(f"{what}: {exc}")
+    if isinstance(exc, EtcdUnauthenticatedError | EtcdPermissionDeniedError) or any(
+            marker in (detail or "") for marker in _AUTH_ERRORS):
+        return StoreAuthError(f"{what}: {detail or exc}")
     if isinstance(exc, EtcdConnectionError | EtcdTransientError | TimeoutError):
         return StoreUnavailable(f"{what}: etcd unreachable ({str(exc) or 'timeout'})")
     if isinstance(exc, grpc.aio.AioRpcError):
@@ -121,13 +129,25 @@ def _translate(exc: BaseException, what: str) -> StoreError:
 
 
 class EtcdStore:
-    """Async key-value access to etcd with revisions, prefixes, transactions and leases."""
+    """Async key-value access to etcd with revisions, prefixes, transactions and leases.
+
+    With a user and password it authenticates on connect and again whenever etcd says the token
+    is no longer good (``invalid auth token``: etcd's simple tokens expire after
+    ``--auth-token-ttl`` seconds idle, 300 by default, and are per member; ``revision of auth
+    store is old``: a JWT issued before a user or role changed). Every call here retries once
+    after re-authenticating, so callers never see token expiry. Watch streams and lease
+    keepalives already open keep working after the token expires (etcd checks a watch's
+    permission when it is created, and keepalives carry no permission check); a watch that etcd
+    refuses to create is relisted by its owner, and that list re-authenticates.
+    """
 
     def __init__(self, config: EtcdConfig) -> None:
         self.config = config
         self.prefix = config.prefix
         self._client: Etcd3Client | None = None
-        self._auth_task: asyncio.Task[None] | None = None
+        self._auth_lock = asyncio.Lock()
+        self._token_generation = 0
+        self.authentications = 0
 
     @property
     def client(self) -> Etcd3Client:
@@ -135,6 +155,11 @@ class EtcdStore:
         if self._client is None:
             raise StoreError("store is not connected: call connect() first")
         return self._client
+
+    @property
+    def authenticated(self) -> bool:
+        """True when this store sends credentials (a user and password are configured)."""
+        return self.config.user is not None and self.config.password is not None
 
     async def connect(self) -> EtcdStore:
         """Open the channel (lazy in gRPC: a down etcd shows up on the first call, not here)."""
@@ -153,36 +178,59 @@ class EtcdStore:
         )
         _fast_reconnect(self._client)
         await self._client.connect()
-        if self.config.user is not None and self.config.password is not None:
-            await self._authenticate()
+        if self.authenticated:
+            try:
+                await self._authenticate(self._token_generation)
+            except BaseException:
+                await self.close()
+                raise
         return self
 
-    async def _authenticate(self) -> None:
-        assert self._client is not None and self._client.auth is not None  # set by connect()
-        try:
-            resp = await self._client.auth.authenticate(
-                self.config.user or "", self.config.password or "", timeout=self.config.timeout_s
-            )
-        except (EtcdError, grpc.aio.AioRpcError, TimeoutError) as exc:
-            raise _translate(exc, "etcd authentication") from exc
-        self._client.set_token(resp.token)
-        self._auth_task = asyncio.create_task(self._refresh_token(), name="etcd-token-refresh")
-
-    async def _refresh_token(self) -> None:
-        # etcd's simple tokens expire after 5 minutes idle; refresh well before.
-        while True:
-            await asyncio.sleep(120)
+    async def _authenticate(self, seen_generation: int) -> None:
+        """Get a fresh token, unless another call already did since ``seen_generation``."""
+        async with self._auth_lock:
+            if self._token_generation != seen_generation:
+                return
+            client = self.client
+            auth = client.auth
+            assert auth is not None  # set by connect()
+            # etcd rejects an Authenticate that carries an expired token: ask without one.
+            auth.set_token(None)
             try:
-                assert self._client is not None and self._client.auth is not None
-                resp = await self._client.auth.authenticate(self.config.user or "", self.config.password or "")
-                self._client.set_token(resp.token)
+                resp = await auth.authenticate(self.config.user or "", self.config.password or "",
+                                               timeout=self.config.timeout_s)
             except (EtcdError, grpc.aio.AioRpcError, TimeoutError) as exc:
-                log.warning("etcd token refresh failed", error=str(exc))
+                if _detail(exc).endswith("authentication is not enabled"):
+                    # Credentials handed out before `ctl auth enable`: work without a token now;
+                    # once auth is on, etcd's "user name is empty" makes us authenticate.
+                    client.set_token(None)
+                    self._token_generation += 1
+                    log.info("etcd authentication is not enabled; sending no token", user=self.config.user)
+                    return
+                auth.set_token(client._token)  # keep sending what the other services send
+                raise _translate(exc, f"etcd authentication as {self.config.user!r}") from exc
+            client.set_token(resp.token)
+            self._token_generation += 1
+            self.authentications += 1
+            if self._token_generation > 1:
+                log.info("etcd token renewed", user=self.config.user, authentications=self.authentications)
+
+    async def _call(self, what: str, fn: Callable[[], Awaitable[R]]) -> R:
+        """Run one etcd call; re-authenticate and retry once when etcd says the token is stale."""
+        generation = self._token_generation
+        try:
+            return await fn()
+        except (EtcdError, grpc.aio.AioRpcError, TimeoutError) as exc:
+            if not (self.authenticated and token_problem(exc)):
+                raise _translate(exc, what) from exc
+        await self._authenticate(generation)
+        try:
+            return await fn()
+        except (EtcdError, grpc.aio.AioRpcError, TimeoutError) as exc:
+            raise _translate(exc, what) from exc
 
     async def close(self) -> None:
         """Close the channel. Leases are not revoked here (LeaseSession.close does that)."""
-        if self._auth_task is not None:
-            self._auth_task.cancel()
         if self._client is not None:
             await self._client.close()
             self._client = None
@@ -209,61 +257,43 @@ class EtcdStore:
 
     async def get(self, key: str) -> KeyValue | None:
         """Read one key; None when it does not exist."""
-        try:
-            resp = await self.client.kv.get(key, timeout=self.config.timeout_s)  # type: ignore[union-attr]
-        except (EtcdError, grpc.aio.AioRpcError, TimeoutError) as exc:
-            raise _translate(exc, f"get {key}") from exc
+        resp = await self._call(f"get {key}", lambda: self.client.kv.get(  # type: ignore[union-attr]
+            key, timeout=self.config.timeout_s))
         return _kv(resp.kvs[0]) if resp.kvs else None
 
     async def list_prefix(self, prefix: str, *, revision: int = 0) -> tuple[list[KeyValue], int]:
         """Every key under ``prefix`` (sorted) and the store revision the read was served at."""
         if not prefix.endswith("/"):
             prefix += "/"
-        try:
-            resp = await self.client.kv.get(  # type: ignore[union-attr]
-                prefix, range_end=prefix_range_end(prefix), revision=revision, timeout=self.config.timeout_s
-            )
-        except (EtcdError, grpc.aio.AioRpcError, TimeoutError) as exc:
-            raise _translate(exc, f"list {prefix}") from exc
+        resp = await self._call(f"list {prefix}", lambda: self.client.kv.get(  # type: ignore[union-attr]
+            prefix, range_end=prefix_range_end(prefix), revision=revision, timeout=self.config.timeout_s))
         return [_kv(kv) for kv in resp.kvs], int(resp.header.revision)
 
     async def revision(self) -> int:
         """The current store revision."""
-        try:
-            resp = await self.client.kv.get(self.prefix + "/", count_only=True, timeout=self.config.timeout_s)  # type: ignore[union-attr]
-        except (EtcdError, grpc.aio.AioRpcError, TimeoutError) as exc:
-            raise _translate(exc, "read revision") from exc
+        resp = await self._call("read revision", lambda: self.client.kv.get(  # type: ignore[union-attr]
+            self.prefix + "/", count_only=True, timeout=self.config.timeout_s))
         return int(resp.header.revision)
 
     # -- writes -----------------------------------------------------------------------------
 
     async def put(self, key: str, value: bytes, *, lease: int = 0) -> int:
         """Write one key; returns the revision of the write."""
-        try:
-            resp = await self.client.kv.put(key, value, lease=lease, timeout=self.config.timeout_s)  # type: ignore[union-attr]
-        except (EtcdError, grpc.aio.AioRpcError, TimeoutError) as exc:
-            raise _translate(exc, f"put {key}") from exc
+        resp = await self._call(f"put {key}", lambda: self.client.kv.put(  # type: ignore[union-attr]
+            key, value, lease=lease, timeout=self.config.timeout_s))
         return int(resp.header.revision)
 
     async def delete(self, key: str, *, prefix: bool = False) -> int:
         """Delete one key (or a whole prefix); returns how many keys were deleted."""
-        try:
-            resp = await self.client.kv.delete(  # type: ignore[union-attr]
-                key, range_end=prefix_range_end(key) if prefix else None, timeout=self.config.timeout_s
-            )
-        except (EtcdError, grpc.aio.AioRpcError, TimeoutError) as exc:
-            raise _translate(exc, f"delete {key}") from exc
+        resp = await self._call(f"delete {key}", lambda: self.client.kv.delete(  # type: ignore[union-attr]
+            key, range_end=prefix_range_end(key) if prefix else None, timeout=self.config.timeout_s))
         return int(resp.deleted)
 
     async def txn(self, compares: Sequence[Cmp], success: Sequence[Op], failure: Sequence[Op] = ()) -> tuple[bool, int]:
         """Run one atomic transaction; returns (whether the compares held, revision)."""
-        try:
-            resp = await self.client.kv.txn(  # type: ignore[union-attr]
-                [c.pb for c in compares], [o.pb for o in success], [o.pb for o in failure],
-                timeout=self.config.timeout_s,
-            )
-        except (EtcdError, grpc.aio.AioRpcError, TimeoutError) as exc:
-            raise _translate(exc, "transaction") from exc
+        resp = await self._call("transaction", lambda: self.client.kv.txn(  # type: ignore[union-attr]
+            [c.pb for c in compares], [o.pb for o in success], [o.pb for o in failure],
+            timeout=self.config.timeout_s))
         return bool(resp.succeeded), int(resp.header.revision)
 
     async def guarded_txn(self, compares: Sequence[Cmp], success: Sequence[Op], what: str) -> int:
@@ -275,10 +305,34 @@ class EtcdStore:
 
     async def compact(self, revision: int) -> None:
         """Compact history up to ``revision`` (tests use this to force watch resyncs)."""
-        try:
-            await self.client.kv.compact(revision, physical=True, timeout=self.config.timeout_s)  # type: ignore[union-attr]
-        except (EtcdError, grpc.aio.AioRpcError, TimeoutError) as exc:
-            raise _translate(exc, "compact") from exc
+        await self._call("compact", lambda: self.client.kv.compact(  # type: ignore[union-attr]
+            revision, physical=True, timeout=self.config.timeout_s))
+
+    # -- leases -----------------------------------------------------------------------------
+
+    async def grant_lease(self, ttl: int) -> tuple[int, int]:
+        """Grant a lease of ``ttl`` seconds; returns (lease id, granted TTL)."""
+        resp = await self._call("grant lease", lambda: self.client.lease.grant(  # type: ignore[union-attr]
+            ttl, timeout=self.config.timeout_s))
+        return int(resp.ID), int(resp.TTL)
+
+    async def revoke_lease(self, lease_id: int, *, timeout: float = 2.0) -> None:
+        """Revoke a lease: every key attached to it is deleted."""
+        await self._call(f"revoke lease {lease_id:x}", lambda: self.client.lease.revoke(  # type: ignore[union-attr]
+            lease_id, timeout=timeout, max_attempts=1))
+
+    async def keepalive_once(self, lease_id: int) -> int:
+        """Renew a lease once; returns its new TTL (0 or less: the lease is gone)."""
+        async def once() -> int:
+            call = self.client.lease.keep_alive(lease_id)  # type: ignore[union-attr]
+            try:
+                resp = await call.read()
+            finally:
+                call.cancel()
+            if resp is grpc.aio.EOF:
+                raise StoreError("keepalive stream closed without an answer")
+            return int(resp.TTL)
+        return await self._call(f"keepalive lease {lease_id:x}", once)
 
     async def probe(self, timeout: float = 2.0) -> int:
         """A linearizable read that must answer within ``timeout`` (the whole call, retries
@@ -286,26 +340,47 @@ class EtcdStore:
         a hung etcd (stopped, partitioned, without quorum) shows here within ``timeout``, while a
         gRPC stream on it may stay silent for minutes."""
         try:
-            resp = await asyncio.wait_for(
-                self.client.kv.get(self.prefix + "/", count_only=True, timeout=timeout),  # type: ignore[union-attr]
-                timeout)
+            resp = await asyncio.wait_for(self._call("probe", lambda: self.client.kv.get(  # type: ignore[union-attr]
+                self.prefix + "/", count_only=True, timeout=timeout)), timeout)
         except TimeoutError as exc:
             raise StoreUnavailable(f"etcd did not answer a read within {timeout}s") from exc
-        except (EtcdError, grpc.aio.AioRpcError) as exc:
-            raise _translate(exc, "probe") from exc
         return int(resp.header.revision)
 
     async def ping(self, timeout: float = 2.0) -> bool:
         """True when etcd answers a read within ``timeout``."""
         try:
-            await asyncio.wait_for(
-                self.client.kv.get(self.prefix + "/", count_only=True, serializable=True, timeout=timeout,  # type: ignore[union-attr]
-                                   max_attempts=1),
-                timeout,
-            )
-        except (EtcdError, grpc.aio.AioRpcError, TimeoutError, StoreError):
+            await asyncio.wait_for(self._call("ping", lambda: self.client.kv.get(  # type: ignore[union-attr]
+                self.prefix + "/", count_only=True, serializable=True, timeout=timeout, max_attempts=1)), timeout)
+        except (TimeoutError, StoreError):
             return False
         return True
+
+
+#: What etcd says when a token is no longer good (re-authenticate and retry), as opposed to a
+#: missing permission (``permission denied``), which no retry fixes. ``user name is empty``: auth
+#: was switched on while we held no token.
+TOKEN_ERRORS = ("invalid auth token", "revision of auth store is old", "user name is empty")
+
+
+def _detail(exc: BaseException) -> str:
+    """etcd's message behind ``exc`` (the gRPC details of the error that caused it)."""
+    seen: BaseException | None = exc
+    while seen is not None:
+        if isinstance(seen, grpc.aio.AioRpcError):
+            return seen.details() or ""
+        seen = seen.__cause__
+    return str(exc)
+
+
+def token_problem(exc: BaseException) -> bool:
+    """True when ``exc`` (or the gRPC error behind it) says the token expired or is stale."""
+    seen: BaseException | None = exc
+    while seen is not None:
+        detail = seen.details() if isinstance(seen, grpc.aio.AioRpcError) else str(seen)
+        if any(marker in (detail or "") for marker in TOKEN_ERRORS):
+            return True
+        seen = seen.__cause__
+    return False
 
 
 def _kv(kv: Any) -> KeyValue:

@@ -8,11 +8,15 @@ Read from flags, falling back to environment variables:
     MODELPOOL_ETCD_CERT      client certificate (PEM file) — mTLS
     MODELPOOL_ETCD_KEY       client private key (PEM file) — mTLS
     MODELPOOL_ETCD_USER      etcd user name (password in MODELPOOL_ETCD_PASSWORD)
+    MODELPOOL_ETCD_PASSWORD  the etcd user's password
+    MODELPOOL_ETCD_PASSWORD_FILE  a file holding that password (first line; what sbatch jobs and
+                             Kubernetes Secrets use, so the password is never on a command line)
     MODELPOOL_ETCD_TLS_SERVER_NAME   name to verify in the server certificate
 """
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -71,8 +75,13 @@ class EtcdConfig:
             raise EtcdConfigError("mTLS needs both a client certificate and a client key")
         if self.client_cert is not None and self.ca_cert is None:
             raise EtcdConfigError("mTLS needs a CA certificate too (--etcd-cacert)")
-        if (self.user is None) != (self.password is None):
-            raise EtcdConfigError("etcd user and password go together")
+        if self.user is not None and self.password is None:
+            raise EtcdConfigError(f"etcd user and password go together: no password for etcd user {self.user!r} "
+                                  "(set MODELPOOL_ETCD_PASSWORD, or --etcd-password-file / "
+                                  "MODELPOOL_ETCD_PASSWORD_FILE)")
+        if self.user is None and self.password is not None:
+            raise EtcdConfigError("etcd user and password go together: a password was given without "
+                                  "--etcd-user / MODELPOOL_ETCD_USER")
 
     @property
     def tls(self) -> bool:
@@ -91,7 +100,13 @@ class EtcdConfig:
             return Path(str(value)) if value else None
 
         user = overrides.get("user") or env.get("MODELPOOL_ETCD_USER")
-        password = overrides.get("password") or env.get("MODELPOOL_ETCD_PASSWORD")
+        password = overrides.get("password")
+        file_flag = overrides.get("password_file")
+        if not password and file_flag:  # an explicit --etcd-password-file wins over the environment
+            password = read_password_file(Path(str(file_flag)))
+        password = password or env.get("MODELPOOL_ETCD_PASSWORD")
+        if not password and env.get("MODELPOOL_ETCD_PASSWORD_FILE"):
+            password = read_password_file(Path(env["MODELPOOL_ETCD_PASSWORD_FILE"]))
         server_name = overrides.get("tls_server_name") or env.get("MODELPOOL_ETCD_TLS_SERVER_NAME")
         timeout = overrides.get("timeout_s")
         return cls(
@@ -106,6 +121,10 @@ class EtcdConfig:
             timeout_s=float(timeout) if isinstance(timeout, int | float) else 5.0,
         )
 
+    def with_credentials(self, user: str | None, password: str | None) -> EtcdConfig:
+        """The same connection as another etcd user (or none)."""
+        return dataclasses.replace(self, user=user, password=password)
+
     def read_tls_material(self) -> dict[str, bytes]:
         """Load the PEM files for the gRPC channel; raises EtcdConfigError when unreadable."""
         out: dict[str, bytes] = {}
@@ -117,3 +136,26 @@ class EtcdConfig:
             except OSError as exc:
                 raise EtcdConfigError(f"cannot read {arg.replace('_', ' ')} {p}: {exc.strerror}") from exc
         return out
+
+
+MAX_PASSWORD_FILE_BYTES = 4096
+
+
+def read_password_file(path: Path) -> str:
+    """The password in ``path``: its first line, without the line end (EtcdConfigError when the
+    file is unreadable, empty or larger than 4 KiB: not a password file)."""
+    try:
+        with path.open("rb") as f:
+            raw = f.read(MAX_PASSWORD_FILE_BYTES + 1)
+    except OSError as exc:
+        raise EtcdConfigError(f"cannot read etcd password file {path}: {exc.strerror or exc}") from exc
+    if len(raw) > MAX_PASSWORD_FILE_BYTES:
+        raise EtcdConfigError(f"etcd password file {path} is larger than {MAX_PASSWORD_FILE_BYTES} bytes")
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise EtcdConfigError(f"etcd password file {path} is not UTF-8 text") from exc
+    password = text.splitlines()[0] if text.splitlines() else ""
+    if not password:
+        raise EtcdConfigError(f"etcd password file {path} is empty")
+    return password

@@ -102,7 +102,7 @@ class LeaseSession:
         self._alive.clear()
         if revoke and lease_id and was_alive:
             try:
-                await self.store.client.lease.revoke(lease_id, timeout=2.0, max_attempts=1)  # type: ignore[union-attr]
+                await self.store.revoke_lease(lease_id)
                 log.info("lease revoked", session=self.name, lease=hex(lease_id))
             except (EtcdError, grpc.aio.AioRpcError, TimeoutError, StoreError) as exc:
                 log.warning("lease revoke failed; keys expire with the TTL", session=self.name, error=str(exc))
@@ -150,9 +150,9 @@ class LeaseSession:
 
     async def _grant(self) -> tuple[int, int]:
         sent = self._clock()
-        resp = await self.store.client.lease.grant(self.ttl, timeout=self.store.config.timeout_s)  # type: ignore[union-attr]
-        self.expires_at = sent + int(resp.TTL)
-        return int(resp.ID), int(resp.TTL)
+        lease_id, ttl = await self.store.grant_lease(self.ttl)
+        self.expires_at = sent + ttl
+        return lease_id, ttl
 
     async def _keep_alive(self, lease_id: int, ttl: int) -> None:
         """Renew until the lease is lost; returns when it is."""
@@ -189,15 +189,8 @@ class LeaseSession:
             self.expires_at = sent + new_ttl
 
     async def _keepalive_once(self, lease_id: int) -> int:
-        call = self.store.client.lease.keep_alive(lease_id)  # type: ignore[union-attr]
-        try:
-            resp = await call.read()
-        finally:
-            call.cancel()
-        if resp is grpc.aio.EOF:
-            raise StoreError("keepalive stream closed without an answer")
-        return int(resp.TTL)
+        return await self.store.keepalive_once(lease_id)
 
     async def _revoke_quietly(self, lease_id: int) -> None:
         with contextlib.suppress(EtcdError, grpc.aio.AioRpcError, TimeoutError, StoreError):
-            await self.store.client.lease.revoke(lease_id, timeout=2.0, max_attempts=1)  # type: ignore[union-attr]
+            await self.store.revoke_lease(lease_id)

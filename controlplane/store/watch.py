@@ -27,7 +27,7 @@ from etcd3aio import EtcdError, prefix_range_end
 from etcd3aio._protobuf import WatchCreateRequest, WatchRequest, WatchStub
 
 from controlplane.store.client import EtcdStore, KeyValue, _kv
-from controlplane.store.errors import StoreError
+from controlplane.store.errors import StoreAuthError, StoreError
 
 log = structlog.get_logger(__name__)
 
@@ -148,7 +148,11 @@ async def _watch_from(store: EtcdStore, prefix: str, start_revision: int, *,
             if resp.compact_revision > 0:
                 raise _Compacted(f"revision {start_revision} compacted (now {resp.compact_revision})")
             if resp.canceled:
-                raise StoreError(f"watch canceled by etcd: {resp.cancel_reason or 'no reason given'}")
+                reason = resp.cancel_reason or "no reason given"
+                # etcd checks a watch's permission (and token) only when it is created; a refusal
+                # is an auth error: the owner relists, and the list renews a stale token.
+                error = StoreAuthError if "permission denied" in reason or "auth" in reason else StoreError
+                raise error(f"watch of {prefix} canceled by etcd: {reason}")
             if not resp.events:
                 if progress_every_s is not None:
                     yield Progress(int(resp.header.revision))

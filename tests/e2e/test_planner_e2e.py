@@ -22,7 +22,7 @@ from controlplane.keys import Keys, decode
 from controlplane.pb import Assignment, InstanceRecord, InstanceState
 from controlplane.procs import spawn
 from controlplane.store import EtcdConfig, EtcdStore
-from tests.cluster import CTL, eventually, start_gateway, stop_all
+from tests.cluster import CTL, eventually, instances_prefix, nodes_prefix, start_gateway, stop_all, tenant_keys
 
 pytestmark = pytest.mark.e2e
 REPO = Path(__file__).resolve().parents[2]
@@ -80,7 +80,7 @@ async def test_plan_apply_starts_engines_routes_both_models_then_stops_a_removed
         store = await EtcdStore(EtcdConfig(endpoints=(ep,), prefix=prefix, timeout_s=3.0)).connect()
         try:
             async def pool_nodes() -> int:
-                kvs, _ = await store.list_prefix(keys.nodes)
+                kvs, _ = await store.list_prefix(nodes_prefix(prefix))
                 return len(kvs) == 2
             await eventually(pool_nodes, timeout=20, what="both pool agents registered")
 
@@ -100,7 +100,7 @@ async def test_plan_apply_starts_engines_routes_both_models_then_stops_a_removed
                 assert answer["model"] == model and answer["choices"][0]["message"]["content"]
 
             # every running instance belongs to an assignment of the applied plan
-            kvs, _ = await store.list_prefix(keys.instances)
+            kvs, _ = await store.list_prefix(instances_prefix(prefix))
             instances = [decode(InstanceRecord, kv) for kv in kvs]
             dkvs, _ = await store.list_prefix(keys.desired)
             wanted = {decode(Assignment, kv).assignment_id: decode(Assignment, kv).model for kv in dkvs}
@@ -122,7 +122,7 @@ async def test_plan_apply_starts_engines_routes_both_models_then_stops_a_removed
             assert (applied["stopped"], applied["kept"], applied["started"]) == (1, 1, 0)
 
             async def b_gone() -> bool:
-                kvs, _ = await store.list_prefix(keys.instances)
+                kvs, _ = await store.list_prefix(instances_prefix(prefix))
                 models = await gateway_models(base)
                 return "chat-b" not in models and "chat-a" in models and all(
                     decode(InstanceRecord, kv).model == "chat-a" for kv in kvs)
@@ -149,7 +149,8 @@ async def test_planner_daemon_converges_within_its_churn_cap_and_gives_up_leader
     daemon = None
     store = await EtcdStore(EtcdConfig(endpoints=(ep,), prefix=prefix, timeout_s=3.0)).connect()
     try:
-        await eventually(lambda: store.get(keys.node("pool-d")), timeout=20, what="pool agent registered")
+        await eventually(lambda: store.get(tenant_keys(prefix).node("pool-d")), timeout=20,
+                         what="pool agent registered")
         code, _, err = await ctl(ep, prefix, "models", "apply", "-f",
                                  str(catalog(tmp_path / "c.yaml", ["daemon-a", "daemon-b"])))
         assert code == 0, err
@@ -167,7 +168,7 @@ async def test_planner_daemon_converges_within_its_churn_cap_and_gives_up_leader
             current = await assignments()
             if not seen or seen[-1] != len(current):
                 seen.append(len(current))
-            kvs, _ = await store.list_prefix(keys.instances)
+            kvs, _ = await store.list_prefix(instances_prefix(prefix))
             ready = {decode(InstanceRecord, kv).model for kv in kvs
                      if decode(InstanceRecord, kv).state == InstanceState.READY}
             return ready == {"daemon-a", "daemon-b"}

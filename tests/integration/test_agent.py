@@ -12,14 +12,14 @@ import aiohttp
 import pytest
 
 from controlplane.etcdproc import EtcdProcess
-from controlplane.keys import Keys, decode
+from controlplane.keys import decode
 from controlplane.pb import InstanceRecord, InstanceState, NodeRecord
 from controlplane.store import Changes, EtcdConfig, EtcdStore, watch_prefix
-from tests.cluster import eventually, exit_code, start_agent, stop_all
+from tests.cluster import eventually, exit_code, instances_prefix, start_agent, stop_all, tenant_keys
 
 
 async def instances(store: EtcdStore) -> list[InstanceRecord]:
-    kvs, _ = await store.list_prefix(Keys(store.prefix).instances)
+    kvs, _ = await store.list_prefix(instances_prefix(store.prefix))
     return [decode(InstanceRecord, kv) for kv in kvs]
 
 
@@ -35,11 +35,11 @@ async def test_registers_then_drains_in_order_on_sigterm(store: EtcdStore, etcd_
                             "--drain-grace", "10", "--sim-option", "tokens_per_s=20")
     try:
         rec = await ready_instance(store)
-        node_kv = await store.get(Keys(store.prefix).node("n1"))
+        node_kv = await store.get(tenant_keys(store.prefix).node("n1"))
         assert node_kv is not None and node_kv.lease != 0
         node = decode(NodeRecord, node_kv)
         assert [g.type for g in node.gpus] == ["SIM-24GB"] and node.free_gpu_indices == []
-        inst_kv = (await store.list_prefix(Keys(store.prefix).instances))[0][0]
+        inst_kv = (await store.list_prefix(instances_prefix(store.prefix)))[0][0]
         assert inst_kv.lease == node_kv.lease  # one lease per agent
         assert rec.endpoint.startswith("http://127.0.0.1:") and rec.gpu_indices == [0]
 
@@ -49,7 +49,7 @@ async def test_registers_then_drains_in_order_on_sigterm(store: EtcdStore, etcd_
             seen: list[tuple[str, int]] = []
 
             async def watch() -> None:
-                async for update in watch_prefix(store, Keys(store.prefix).instances):
+                async for update in watch_prefix(store, instances_prefix(store.prefix)):
                     if isinstance(update, Changes):
                         for ch in update.changes:
                             seen.append(("put", decode(InstanceRecord, ch.kv).state) if ch.kv else ("delete", 0))
@@ -69,7 +69,7 @@ async def test_registers_then_drains_in_order_on_sigterm(store: EtcdStore, etcd_
         assert seen[0] == ("put", InstanceState.DRAINING) and seen[-1] == ("delete", 0), seen
         assert await exit_code(proc, 20, log) == 0
         assert time.monotonic() - drain_started < 15
-        assert await store.get(Keys(store.prefix).node("n1")) is None
+        assert await store.get(tenant_keys(store.prefix).node("n1")) is None
         assert await instances(store) == []
         assert "lease revoked" in log.read_text()
     finally:
@@ -126,7 +126,7 @@ async def test_reregisters_after_etcd_outage_and_keeps_serving(tmp_path: Path) -
         store = await EtcdStore(config).connect()
         again = await ready_instance(store, timeout=30)
         assert again.instance_id == rec.instance_id and again.endpoint == rec.endpoint
-        assert await store.get(Keys(prefix).node("n3")) is not None
+        assert await store.get(tenant_keys(prefix).node("n3")) is not None
         assert time.monotonic() - back < 20
     finally:
         stop_all([proc])

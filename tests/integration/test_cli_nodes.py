@@ -23,7 +23,7 @@ from controlplane.keys import Keys, decode
 from controlplane.pb import Assignment, Gpu, InstanceRecord, InstanceState, ModelSpec, NodeControl, NodeRecord, SlurmJob
 from controlplane.procs import spawn
 from controlplane.store import EtcdConfig, EtcdStore
-from tests.cluster import CTL, eventually, exit_code, start_agent, stop_all
+from tests.cluster import CTL, eventually, exit_code, instances_prefix, start_agent, stop_all, tenant_keys
 
 
 async def ctl(config: EtcdConfig, *args: str) -> Result:
@@ -39,12 +39,12 @@ async def list_json(config: EtcdConfig) -> dict[str, dict[str, Any]]:
 
 
 async def instances(store: EtcdStore) -> list[InstanceRecord]:
-    kvs, _ = await store.list_prefix(Keys(store.prefix).instances)
+    kvs, _ = await store.list_prefix(instances_prefix(store.prefix))
     return [decode(InstanceRecord, kv) for kv in kvs]
 
 
 async def node(store: EtcdStore, node_id: str) -> NodeRecord | None:
-    kv = await store.get(Keys(store.prefix).node(node_id))
+    kv = await store.get(tenant_keys(store.prefix).node(node_id))
     return decode(NodeRecord, kv) if kv else None
 
 
@@ -148,16 +148,17 @@ async def test_drain_pool_node_stops_assignments_and_undrain_resumes(etcd_config
     try:
         # assign once the node is registered, as the planner would (it places only on registered nodes)
         await eventually(lambda: node(store, "p1"), timeout=15, what="pool node registered")
-        await store.put(keys.assignment("p1", "a1"),
-                        Assignment(assignment_id="a1", node_id="p1", model="pm", tensor_parallel=1).SerializeToString())
+        # desired/ is keyed by the node's ref: <tenant>/<node id> (the agent's tenant: "default")
+        await store.put(keys.assignment("default/p1", "a1"), Assignment(
+            assignment_id="a1", node_id="default/p1", model="pm", tensor_parallel=1).SerializeToString())
         first = await ready(store)
         assert first.assignment_id == "a1"
-        view = (await list_json(etcd_config))["p1"]
+        view = (await list_json(etcd_config))["default/p1"]
         assert view["mode"] == "pool" and view["gpus"] == "2xSIM-24GB" and view["free_gpus"] == 1
         assert [i["state"] for i in view["instances"]] == ["READY"]
 
         res = await ctl(etcd_config, "nodes", "drain", "p1", "--reason", "maintenance", "--wait", "--timeout", "30")
-        assert res.exit_code == 0 and "node p1 drained" in res.stdout, res.output
+        assert res.exit_code == 0 and "node default/p1 drained" in res.stdout, res.output
         assert not await instances(store)  # --wait returned only once the assignment had stopped
 
         async def drained() -> bool:
@@ -165,7 +166,7 @@ async def test_drain_pool_node_stops_assignments_and_undrain_resumes(etcd_config
             return bool(rec and rec.draining and rec.free_gpu_indices == [0, 1] and not await instances(store))
         await eventually(drained, timeout=15, what="pool node draining with its assignment stopped")
         assert proc.poll() is None, "a pool-mode agent stays up while drained"
-        assert (await list_json(etcd_config))["p1"]["draining"] == "yes"
+        assert (await list_json(etcd_config))["default/p1"]["draining"] == "yes"
         assert "maintenance" in (await ctl(etcd_config, "nodes", "show", "p1")).stdout
 
         res = await ctl(etcd_config, "nodes", "undrain", "p1")
@@ -185,7 +186,7 @@ async def test_drain_serve_agent_removes_instance_and_agent_exits_0(etcd_config:
     try:
         await ready(store)
         res = await ctl(etcd_config, "nodes", "list")
-        row = next(line for line in res.stdout.splitlines() if line.lstrip().startswith("s1"))
+        row = next(line for line in res.stdout.splitlines() if line.lstrip().startswith("default/s1"))
         assert "serve" in row and "1xSIM-24GB" in row and "1: sm" in row, row
 
         res = await ctl(etcd_config, "nodes", "drain", "s1", "--reason", "rebalance", "-o", "json",
@@ -196,7 +197,7 @@ async def test_drain_serve_agent_removes_instance_and_agent_exits_0(etcd_config:
         assert await exit_code(proc, 20, log) == 0
         assert "ctl nodes drain: rebalance" in log.read_text()
         # the request stays (a restarted agent with this id would drain again) until undrained
-        assert (await list_json(etcd_config))["s1"]["registered"] is False
+        assert (await list_json(etcd_config))["default/s1"]["registered"] is False
         assert (await ctl(etcd_config, "nodes", "undrain", "s1")).exit_code == 0
         assert await list_json(etcd_config) == {}
     finally:

@@ -29,11 +29,11 @@ import aiohttp
 import pytest
 
 from controlplane.etcdproc import EtcdProcess
-from controlplane.keys import Keys, decode
+from controlplane.keys import decode
 from controlplane.pb import InstanceRecord, InstanceState
 from controlplane.procs import signal_group
 from controlplane.store import EtcdStore
-from tests.cluster import eventually, start_agent, start_gateway, stop_all
+from tests.cluster import eventually, instances_prefix, start_agent, start_gateway, stop_all, tenant_keys
 
 MODEL = "failover-model"
 TTL_S = 3
@@ -134,7 +134,7 @@ async def pool(etcd_server: EtcdProcess, store: EtcdStore, tmp_path: Path):  # t
 async def run_kill_scenario(pool: Pool, kill: str) -> dict[str, float]:
     """Load, kill (``engine`` or ``agent``) the victim mid-load, keep loading; assert and return numbers."""
     victim_proc, victim_log = pool.agents[VICTIM]
-    kvs, _ = await pool.store.list_prefix(Keys(pool.store.prefix).instances)
+    kvs, _ = await pool.store.list_prefix(instances_prefix(pool.store.prefix))
     victim_id = next(r.instance_id for r in (decode(InstanceRecord, kv) for kv in kvs) if r.node_id == VICTIM)
     pid = engine_pid(victim_log)
     load = Load(pool.gateway)
@@ -175,12 +175,12 @@ async def run_kill_scenario(pool: Pool, kill: str) -> dict[str, float]:
         assert victim_proc.poll() is None, "the agent survives its engine"
     else:
         assert await _victim_record(pool.store, victim_id) is None, "the lease expired with the agent"
-        assert await pool.store.get(Keys(pool.store.prefix).node(VICTIM)) is None
+        assert await pool.store.get(tenant_keys(pool.store.prefix).node(VICTIM)) is None
     return summary
 
 
 async def _victim_record(store: EtcdStore, instance_id: str) -> InstanceRecord | None:
-    kvs, _ = await store.list_prefix(Keys(store.prefix).instances)
+    kvs, _ = await store.list_prefix(instances_prefix(store.prefix))
     return next((r for r in (decode(InstanceRecord, kv) for kv in kvs) if r.instance_id == instance_id), None)
 
 

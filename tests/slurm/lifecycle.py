@@ -20,6 +20,7 @@ import aiohttp
 from controlplane.keys import Keys, decode
 from controlplane.pb import InstanceRecord, InstanceState
 from controlplane.store import EtcdStore
+from controlplane.tenancy import DEFAULT_TENANT
 
 REPO = Path(__file__).resolve().parents[2]
 SERVE_TEMPLATE = REPO / "ops" / "slurm" / "serve.sbatch"
@@ -59,7 +60,7 @@ async def steady_load(gateway: str, stop: asyncio.Event, result: LoadResult, wor
 
 async def node_instances(store: EtcdStore, node_id: str) -> list[InstanceRecord]:
     """Instance records of ``node_id``."""
-    kvs, _ = await store.list_prefix(Keys(store.prefix).instances)
+    kvs, _ = await store.list_prefix(Keys(store.prefix).tenant(DEFAULT_TENANT) + "instances/")
     return [r for r in (decode(InstanceRecord, kv) for kv in kvs) if r.node_id == node_id]
 
 
@@ -120,7 +121,8 @@ async def run_lifecycle(cluster, store: EtcdStore, gateway: str, etcd: str, tmp:
             await asyncio.to_thread(cluster.scancel, job_id)
         else:
             ended = await _wait_draining(store, node_id, timeout=90)
-        while await node_instances(store, node_id) or await store.get(Keys(store.prefix).node(node_id)):
+        node_key = Keys(store.prefix).for_tenant(DEFAULT_TENANT).node(node_id)
+        while await node_instances(store, node_id) or await store.get(node_key):
             await asyncio.sleep(0.02)
         gone_s = time.monotonic() - ended
         await asyncio.sleep(1.0)  # keep the load on a little after: nothing may fail late either

@@ -72,7 +72,7 @@ def test_model_card_fields() -> None:
 
 
 def _ep(iid: str, length: int = 0, root: str = "", parent: str = "") -> Endpoint:
-    return Endpoint(iid, "m", "http://h:1", 2, 1.0, 0, "n", "", "", length, root, parent)
+    return Endpoint(iid, "m", "http://h:1", 2, 1.0, 0, "n", "", "", max_model_len=length, root=root, parent=parent)
 
 
 def test_engine_card_fields_take_the_smallest_context_and_the_first_root() -> None:

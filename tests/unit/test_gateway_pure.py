@@ -156,7 +156,7 @@ def resync(*kvs: KeyValue, revision: int = 10) -> Resync:
 
 
 def test_resync_replaces_everything() -> None:
-    table = RoutingTable()
+    table = RoutingTable(prefix="/p")
     assert not table.loaded and table.models() == []
     table.apply(to_event(resync(instance_kv("a1", "alpha"), instance_kv("a2", "alpha"), instance_kv("b1", "beta")),
                          INST))
@@ -169,7 +169,7 @@ def test_resync_replaces_everything() -> None:
 
 
 def test_changes_patch_and_delete() -> None:
-    table = RoutingTable()
+    table = RoutingTable(prefix="/p")
     a1, a2 = instance_kv("a1"), instance_kv("a2")
     table.apply(to_event(resync(a1, a2), INST))
     table.apply(to_event(Changes((Change(a1.key, instance_kv("a1", state=DRAINING)),), 11), INST))
@@ -182,7 +182,7 @@ def test_changes_patch_and_delete() -> None:
 
 
 def test_only_ready_is_routable() -> None:
-    table = RoutingTable()
+    table = RoutingTable(prefix="/p")
     states = (STARTING, READY, DRAINING, FAILED, InstanceState.INSTANCE_STATE_UNSPECIFIED)
     table.apply(to_event(resync(*(instance_kv(f"i{s}", state=s) for s in states)), INST))
     assert [e.instance_id for e in table.ready("m")] == [f"i{READY}"]
@@ -191,7 +191,7 @@ def test_only_ready_is_routable() -> None:
 
 
 def test_undecodable_and_incomplete_records_are_skipped() -> None:
-    table = RoutingTable()
+    table = RoutingTable(prefix="/p")
     good = instance_kv("good")
     garbage = KeyValue("/p/instances/m/bad", b"\xff\xff\xff", 1, 1, 1, 0)
     no_endpoint = instance_kv("noep", endpoint_url="")
@@ -203,7 +203,7 @@ def test_undecodable_and_incomplete_records_are_skipped() -> None:
 
 
 def test_models_sorted_and_endpoint_view() -> None:
-    table = RoutingTable()
+    table = RoutingTable(prefix="/p")
     table.apply(to_event(resync(*(instance_kv(f"x{m}", m) for m in ("zeta", "alpha", "mu")),
                        instance_kv("y", "omega", state=STARTING)), INST))
     assert table.models() == ["alpha", "mu", "zeta"]
@@ -222,11 +222,11 @@ ops = st.lists(st.tuples(st.sampled_from(["a", "b", "c", "d"]), st.sampled_from(
 @given(ops=ops)
 def test_table_matches_a_model_of_the_records(ops: list[tuple[str, str, InstanceState | None]]) -> None:
     """Any sequence of puts/deletes: ready sets equal READY records, grouped by model, sorted."""
-    table = RoutingTable()
+    table = RoutingTable(prefix="/p")
     table.apply(to_event(Resync({}, 1), INST))
     expected: dict[str, tuple[str, InstanceState]] = {}  # key -> (model, state)
     for rev, (iid, model, state) in enumerate(ops, start=2):
-        key = f"/p/instances/{iid}"
+        key = f"/p/instances/{model}/{iid}"
         if state is None:
             table.apply(to_event(Changes((Change(key, None),), rev), INST))
             expected.pop(key, None)

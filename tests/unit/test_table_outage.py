@@ -40,7 +40,7 @@ def delete(table: RoutingTable, *keys: str) -> None:
 
 def test_a_model_whose_instances_vanished_stays_known_for_a_while() -> None:
     clock = Clock()
-    table = RoutingTable(remember_s=60, clock=clock)
+    table = RoutingTable(prefix="/p", remember_s=60, clock=clock)
     a = kv("a")
     replace(table, a)
     delete(table, a.key)
@@ -54,7 +54,7 @@ def test_a_model_whose_instances_vanished_stays_known_for_a_while() -> None:
 
 def test_the_memory_of_gone_models_is_bounded() -> None:
     clock = Clock()
-    table = RoutingTable(remember_s=3600, max_remembered=5, clock=clock)
+    table = RoutingTable(prefix="/p", remember_s=3600, max_remembered=5, clock=clock)
     for i in range(20):
         replace(table, kv(f"i{i}", f"model-{i}"))
         clock.now += 1
@@ -65,7 +65,7 @@ def test_the_memory_of_gone_models_is_bounded() -> None:
 
 def test_a_model_that_came_back_is_not_remembered_as_gone() -> None:
     clock = Clock()
-    table = RoutingTable(remember_s=10, clock=clock)
+    table = RoutingTable(prefix="/p", remember_s=10, clock=clock)
     a = kv("a")
     replace(table, a)
     delete(table, a.key)
@@ -75,7 +75,7 @@ def test_a_model_that_came_back_is_not_remembered_as_gone() -> None:
 
 def test_instances_that_vanish_during_an_outage_linger_as_a_last_resort() -> None:
     clock = Clock()
-    table = RoutingTable(clock=clock)
+    table = RoutingTable(prefix="/p", clock=clock)
     a, b, s = kv("a"), kv("b"), kv("s", state=InstanceState.STARTING)
     replace(table, a, b, s)
     table.hold_removals(float("inf"))             # etcd unreachable
@@ -96,7 +96,7 @@ def test_instances_that_vanish_during_an_outage_linger_as_a_last_resort() -> Non
 
 def test_without_an_outage_a_vanished_instance_is_gone_at_once() -> None:
     clock = Clock()
-    table = RoutingTable(clock=clock)
+    table = RoutingTable(prefix="/p", clock=clock)
     a = kv("a")
     replace(table, a)
     delete(table, a.key)
@@ -106,7 +106,7 @@ def test_without_an_outage_a_vanished_instance_is_gone_at_once() -> None:
 @given(st.lists(st.tuples(st.sampled_from("abcd"), st.booleans()), max_size=30))
 def test_real_ready_instances_always_beat_lingering_ones(ops: list[tuple[str, bool]]) -> None:
     clock = Clock()
-    table = RoutingTable(clock=clock)
+    table = RoutingTable(prefix="/p", clock=clock)
     table.hold_removals(float("inf"))
     live: set[str] = set()
     for iid, present in ops:
