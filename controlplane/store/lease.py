@@ -97,10 +97,12 @@ class LeaseSession:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
             self._task = None
+        # _lease_id is set from the grant until the lease is known lost, so this also revokes a
+        # lease closed while on_granted was still registering on it (not yet alive): its keys
+        # would otherwise outlive us by a TTL.
         lease_id, self._lease_id = self._lease_id, 0
-        was_alive = self._alive.is_set()
         self._alive.clear()
-        if revoke and lease_id and was_alive:
+        if revoke and lease_id:
             try:
                 await self.store.revoke_lease(lease_id)
                 log.info("lease revoked", session=self.name, lease=hex(lease_id))
@@ -131,6 +133,7 @@ class LeaseSession:
                     log.warning("registration on new lease failed; re-granting", session=self.name,
                                 error=str(exc), error_type=type(exc).__name__)
                     await self._revoke_quietly(lease_id)
+                    self._lease_id = 0
                     await asyncio.sleep(backoff)
                     backoff = min(backoff * 2, max_backoff)
                     continue
@@ -140,6 +143,7 @@ class LeaseSession:
             log.info("lease granted", session=self.name, lease=hex(lease_id), ttl=granted_ttl, grants=self.grants)
             await self._keep_alive(lease_id, granted_ttl)
             self._alive.clear()
+            self._lease_id = 0   # expired or lost: nothing left to revoke
             self.losses += 1
             log.warning("lease lost; will re-grant and re-register", session=self.name, lease=hex(lease_id))
             if self.on_lost is not None:
