@@ -33,6 +33,7 @@ from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 from controlplane.keys import Keys, decode_all
 from controlplane.pb import InstanceRecord, InstanceState, ModelSpec, NodeRecord
+from controlplane.poolstate import read_pool as read_pool_records
 from controlplane.store import EtcdStore, StoreError
 
 log = structlog.get_logger(__name__)
@@ -115,13 +116,13 @@ def sd_targets(instances: Iterable[InstanceRecord]) -> list[dict[str, object]]:
 
 
 async def read_pool(store: EtcdStore, keys: Keys) -> PoolView:
-    """One read of nodes, instances and the catalog; StoreError when etcd does not answer."""
-    warnings: list[str] = []
-    node_kvs, _ = await store.list_prefix(keys.nodes)
-    instance_kvs, _ = await store.list_prefix(keys.instances)
-    model_kvs, _ = await store.list_prefix(keys.models)
-    nodes = [rec for _, rec in decode_all(NodeRecord, node_kvs, warnings)]
-    instances = [rec for _, rec in decode_all(InstanceRecord, instance_kvs, warnings)]
+    """One read of nodes, instances (both layouts: tenants/ and the legacy one) and the catalog;
+    StoreError when etcd does not answer."""
+    pool = await read_pool_records(store, keys)
+    warnings: list[str] = list(pool.warnings)
+    model_kvs, _ = await store.list_prefix(keys.models, revision=pool.revision)
+    nodes = [n.record for n in pool.nodes]
+    instances = [i.record for i in pool.instances]
     models = [rec.name for _, rec in decode_all(ModelSpec, model_kvs, warnings)]
     for warning in warnings[:5]:
         log.warning("undecodable record", error=warning)

@@ -57,13 +57,14 @@ async def test_pod_agent_on_cpu_uses_pod_facts_port_range_and_drains_on_sigterm(
     agent = spawn(argv, log, env=_env(**POD))
     procs = [agent]
     keys = Keys(store.prefix)
+    tenant = keys.for_tenant("default")   # etcd auth is off: agents register as tenant "default"
     try:
         async def ready() -> InstanceRecord | None:
-            kvs, _ = await store.list_prefix(keys.instances)
+            kvs, _ = await store.list_prefix(keys.tenant("default") + "instances/")
             recs = [decode(InstanceRecord, kv) for kv in kvs]
             return next((r for r in recs if r.state == InstanceState.READY), None)
         rec = await eventually(ready, timeout=30, what="a READY instance")
-        node_kv = await store.get(keys.node(POD["POD_NAME"]))
+        node_kv = await store.get(tenant.node(POD["POD_NAME"]))
         assert node_kv is not None, "node id is not the pod name"
         node = decode(NodeRecord, node_kv)
         assert not node.HasField("slurm") and node.end_time_unix == 0
@@ -91,8 +92,8 @@ async def test_pod_agent_on_cpu_uses_pod_facts_port_range_and_drains_on_sigterm(
         assert (first + rest).endswith(b"data: [DONE]\n\n") and b'"finish_reason": "length"' in first + rest
         assert await exit_code(agent, 30, log) == 0
         assert time.monotonic() - sent < 10 + 5 + 15  # drain grace + DRAINING confirmed + engine stop
-        assert (await store.list_prefix(keys.instances))[0] == []
-        assert await store.get(keys.node(POD["POD_NAME"])) is None
+        assert (await store.list_prefix(keys.tenant("default") + "instances/"))[0] == []
+        assert await store.get(tenant.node(POD["POD_NAME"])) is None
     finally:
         stop_all(procs)
 
