@@ -11,6 +11,9 @@
     <prefix>/usage/<key_id>/<model>/<gateway_id>       Usage
     <prefix>/control/nodes/<node_id>                   NodeControl     `ctl nodes drain`
     <prefix>/planner/leader                            (election)      planner lease
+    <prefix>/harvest/jobs/<job_id>                     HarvestJob      harvest leader
+    <prefix>/harvest/status                            HarvestStatus   harvest leader's lease
+    <prefix>/harvest/leader                            (election)      harvest leader's lease
 
 Model names may contain '/' (HF ids like "meta-llama/Llama-3.1-8B"); they are percent-encoded
 as one key segment so prefixes stay unambiguous.
@@ -126,6 +129,21 @@ class Keys:
     @property
     def planner_leader(self) -> str:
         return self._k("planner", "leader")
+
+    @property
+    def harvest_jobs(self) -> str:
+        return self._k("harvest", "jobs", "")
+
+    def harvest_job(self, job_id: str) -> str:
+        return self._k("harvest", "jobs", encode_segment(job_id))
+
+    @property
+    def harvest_status(self) -> str:
+        return self._k("harvest", "status")
+
+    @property
+    def harvest_leader(self) -> str:
+        return self._k("harvest", "leader")
 
 
 class RecordDecodeError(ValueError):
