@@ -124,8 +124,8 @@ def test_unservable_demand_is_reported() -> None:
 
 
 def test_budget_counts_actual_running_time_and_reserves_the_rest_of_the_limit() -> None:
-    jobs = {"1": record("1", gpus=2, started=NOW - 1800), "2": record("2", state=S.HARVEST_ENDED, gpus=1,
-                                                                        started=NOW - 7200, ended_unix_ms=NOW_MS - 3600_000)}
+    ended = record("2", state=S.HARVEST_ENDED, gpus=1, started=NOW - 7200, ended_unix_ms=NOW_MS - 3600_000)
+    jobs = {"1": record("1", gpus=2, started=NOW - 1800), "2": ended}
     b = budget_of(jobs, 10.0, NOW_MS)
     assert b.used == pytest.approx(2 * 0.5 + 1.0) and b.reserved == pytest.approx(2 * 0.5)
     assert b.left == pytest.approx(10 - 2 - 1)
