@@ -8,7 +8,7 @@ from dataclasses import replace
 import pytest
 
 from controlplane.harvest.decide import decide
-from controlplane.harvest.model import HarvestSettings, PoolView, SlurmView, budget_of
+from controlplane.harvest.model import HarvestPlan, HarvestSettings, PoolView, SlurmView, budget_of
 from controlplane.harvest.slurm import SlurmJobInfo, SlurmNode
 from controlplane.pb import HarvestJob, HarvestJobState
 from controlplane.planner.snapshot import GpuInfo, NodeInfo, Snapshot
@@ -71,7 +71,7 @@ def pool_node(node_id: str, gpus: int = 1, gpu_type: str = "RTX4090", memory: fl
 
 def run(snap: Snapshot, nodes: Sequence[SlurmNode] = (), jobs: Sequence[SlurmJobInfo] = (),
         records: Mapping[str, HarvestJob] | None = None, settings: HarvestSettings = SETTINGS, now: float = NOW,
-        **pool: object):
+        **pool: object) -> HarvestPlan:
     view = PoolView(snapshot=snap, **pool)  # type: ignore[arg-type]
     return decide(view, SlurmView(tuple(nodes), {j.job_id: j for j in jobs}), records or {}, settings, now)
 
@@ -173,26 +173,26 @@ def test_budget_guard_releases_when_the_limit_was_lowered() -> None:
 def test_idle_job_is_drained_after_idle_release_after_then_cancelled_when_its_engines_are_gone() -> None:
     snap = snapshot({}, nodes=[pool_node("nd1")])
     rec = {"1": record("1", node_id="nd1")}
-    common = {"node_by_job": {"1": "nd1"}}
-    first = run(snap, [], [sjob("1")], rec, **common)
+    by_job = {"1": "nd1"}
+    first = run(snap, [], [sjob("1")], rec, node_by_job=by_job)
     job = first.records["1"]
     assert job.idle_since_unix_ms == NOW_MS and not first.changes            # idle from now on
-    later = run(snap, [], [sjob("1")], {"1": job}, now=NOW + 59, **common)
+    later = run(snap, [], [sjob("1")], {"1": job}, now=NOW + 59, node_by_job=by_job)
     assert not later.changes                                                  # not yet 60 s
-    release = run(snap, [], [sjob("1")], {"1": job}, now=NOW + 61, **common)
+    release = run(snap, [], [sjob("1")], {"1": job}, now=NOW + 61, node_by_job=by_job)
     (drain,) = release.drains
     assert drain.node_id == "nd1" and "no assignment for 61s" in drain.reason
     releasing = release.records["1"]
     assert releasing.state == S.HARVEST_RELEASING
     # the drain is not done while an engine is still on the node
     waiting = run(snap, [], [sjob("1")], {"1": releasing}, now=NOW + 65, nodes_with_instances=frozenset({"nd1"}),
-                  **common)
+                  node_by_job=by_job)
     assert not waiting.cancels
-    gone = run(snap, [], [sjob("1")], {"1": releasing}, now=NOW + 66, **common)
+    gone = run(snap, [], [sjob("1")], {"1": releasing}, now=NOW + 66, node_by_job=by_job)
     assert [c.job_id for c in gone.cancels] == ["1"] and gone.records["1"].state == S.HARVEST_CANCELLED
     # the drain timeout cancels even with an engine left
     late = run(snap, [], [sjob("1")], {"1": releasing}, now=NOW + 61 + 31, nodes_with_instances=frozenset({"nd1"}),
-               **common)
+               node_by_job=by_job)
     assert [c.job_id for c in late.cancels] == ["1"]
 
 
