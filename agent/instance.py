@@ -5,7 +5,11 @@
        └── backoff ◀── FAILED ◀── engine exited / unhealthy / would not start
 
 A crashed engine is marked FAILED at once (the gateway stops routing to it), restarted after an
-exponential backoff, and the number of restarts and the last error stay in the record. Draining
+exponential backoff, and the number of restarts and the last error stay in the record. The
+lifecycle runs as a supervised loop (``instance-<id>``, controlplane/loops.py): every probe is
+progress; a lifecycle that stops making progress (a probe that hangs past its bound) is stuck,
+and a bug in it is a failed step. Either way it is restarted, after stopping the engine it
+started, instead of leaving the instance frozen in its last state. Draining
 marks the record DRAINING, waits until etcd has it (so gateways stop sending new requests), waits
 for the engine's in-flight requests to finish (up to a grace period), and only then stops it.
 """
@@ -24,8 +28,9 @@ import structlog
 
 from agent.engines import EngineAdapter, EngineConfigError, EngineSpec
 from agent.registration import Registration
-from agent.supervisor import EngineProcess
+from agent.supervisor import PROBE_TIMEOUT_S, EngineProcess
 from controlplane.keys import Keys
+from controlplane.loops import Backoff, ContinuousLoop, ProgressFn, Supervisor
 from controlplane.netutil import free_port
 from controlplane.pb import InstanceRecord, InstanceState
 
@@ -87,7 +92,8 @@ class ManagedInstance:
         self.engine: EngineProcess | None = None
         self._port_picker = port_picker
         self._stop = asyncio.Event()
-        self._task: asyncio.Task[None] | None = None
+        self._loop: ContinuousLoop | None = None
+        self._progress: ProgressFn = lambda: None
         self.record = InstanceRecord(
             instance_id=instance_id, model=config.model, node_id=config.node_id, engine=config.adapter.name,
             gpu_indices=list(config.gpu_indices), gpu_type=config.gpu_type, started_unix_ms=_now_ms(),
@@ -99,10 +105,28 @@ class ManagedInstance:
         """The state last published."""
         return self.record.state
 
-    def start(self) -> None:
-        """Start the lifecycle loop in the background."""
-        if self._task is None:
-            self._task = asyncio.create_task(self._run(), name=f"instance-{self.record.instance_id}")
+    @property
+    def stall_s(self) -> float:
+        """How long the lifecycle may go without progress before it counts as stuck: a health
+        interval, a probe (two requests, each bounded), an engine stop (TERM grace + KILL), margin."""
+        t = self.timings
+        return max(t.health_interval_s, t.probe_interval_s) + 2 * 2 * PROBE_TIMEOUT_S + t.stop_grace_s + 10.0
+
+    def start(self, loops: Supervisor) -> None:
+        """Start the lifecycle as the supervised loop ``instance-<id>`` of ``loops``."""
+        if self._loop is None:
+            self._loop = loops.continuous(f"instance-{self.record.instance_id}", self._lifecycle,
+                                          stall_s=self.stall_s, backoff=Backoff(base_s=1.0, max_s=30.0))
+
+    async def _lifecycle(self, progress: ProgressFn) -> None:
+        self._progress = progress
+        progress()
+        if self._stop.is_set():
+            return
+        if self.engine is not None and self.engine.running:  # restarted after a bug or a stall
+            log.warning("instance lifecycle restarted; stopping the engine it left", instance=self.record.instance_id)
+            await self.engine.stop(self.timings.stop_grace_s)
+        await self._run()
 
     def _publish(self, state: InstanceState, error: str | None = None) -> None:
         if state != self.record.state:
@@ -130,8 +154,14 @@ class ManagedInstance:
             self._publish(InstanceState.FAILED, f"{error}; restart #{self.record.restarts} in {delay:.1f}s")
             if self.engine is not None:
                 await self.engine.stop(self.timings.stop_grace_s)
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._stop.wait(), delay)
+            self._progress()
+            waited = 0.0
+            while waited < delay and not self._stop.is_set():  # long backoffs still report progress
+                step = min(delay - waited, 5.0)
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._stop.wait(), step)
+                waited += step
+                self._progress()
 
     async def _run_engine_once(self) -> tuple[str, float | None]:
         """Start the engine and serve until it fails (returns why, and since when it was READY)
@@ -170,6 +200,7 @@ class ManagedInstance:
             if time.monotonic() > deadline:
                 return f"engine not ready after {self.timings.startup_timeout_s:.0f}s: {last}"
             problem = await engine.probe(self.http, self.config.model)
+            self._progress()
             if problem is None:
                 return None
             last = problem
@@ -191,6 +222,7 @@ class ManagedInstance:
                 if exited.done():
                     return f"engine exited with status {engine.returncode} (see {engine.log_path})"
                 problem = await engine.probe(self.http, self.config.model)
+                self._progress()
                 bad = bad + 1 if problem else 0
                 if bad >= self.timings.unhealthy_after:
                     return f"engine unhealthy: {problem}"
@@ -203,8 +235,11 @@ class ManagedInstance:
     async def drain(self, grace_s: float) -> None:
         """DRAINING → etcd has it → in-flight done (≤ grace) → engine stopped → record removed."""
         self._stop.set()
-        if self._task is not None:
-            await self._task
+        if self._loop is not None:
+            try:  # the lifecycle sees the stop between probes; a stuck one is cancelled
+                await asyncio.wait_for(self._loop.wait(), self.timings.stop_grace_s + 10)
+            except TimeoutError:
+                await self._loop.stop()
         engine = self.engine
         serving = self.record.state == InstanceState.READY and engine is not None and engine.running
         if serving:

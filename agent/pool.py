@@ -4,7 +4,7 @@ Level-triggered, like a Kubernetes controller: whatever happened before, each ro
 what is desired with what runs and acts on the difference. Watch events only wake the loop
 early; a periodic resync repairs anything missed. The decision is a pure function (``diff``).
 
-    watch desired/<node>/ + models/ ──▶ latest desired, catalog
+    caches of desired/<node>/, models/, control/nodes/ ──▶ latest desired, catalog, drain control
                                          │ every change or resync_s
                                          ▼
                   diff(desired, running, catalog, gpus) ──▶ start [...] / stop [...] / problems
@@ -16,16 +16,18 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import Callable, Collection, Mapping
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import structlog
 from google.protobuf.message import Message
 
-from controlplane.keys import Keys, RecordDecodeError, decode, decode_segment
+from controlplane.keys import Keys, decode_segment
+from controlplane.loops import Supervisor
 from controlplane.pb import Assignment, ModelSpec, NodeControl
-from controlplane.store import Changes, EtcdStore, KeyValue, Resync, watch_prefix
+from controlplane.store import EtcdStore
+from controlplane.store.cache import CacheEvent, WatchedCache, proto_decoder
 
 log = structlog.get_logger(__name__)
 M = TypeVar("M", bound=Message)
@@ -116,7 +118,11 @@ def diff(desired: Mapping[str, Assignment], running: Mapping[str, RunningAssignm
 
 
 class DesiredState:
-    """The latest desired assignments, catalog and drain control for one node, from etcd watches."""
+    """The latest desired assignments, catalog and drain control for one node, from three caches.
+
+    Each is a WatchedCache run by the agent's loop runner; the maps here are rebuilt from the
+    cache on every event (they are small), so there is one apply path and it cannot drift.
+    """
 
     def __init__(self, store: EtcdStore, keys: Keys, node_id: str) -> None:
         self.store = store
@@ -128,6 +134,14 @@ class DesiredState:
         self.loaded: set[str] = set()
         self.changed = asyncio.Event()
         self._listeners: list[asyncio.Event] = []
+        self.caches: dict[str, WatchedCache[Any]] = {
+            "desired": WatchedCache(store, keys.desired_for_node(node_id), proto_decoder(Assignment),
+                                    name="watch-desired", handlers=(self._on_desired,)),
+            "catalog": WatchedCache(store, keys.models, proto_decoder(ModelSpec), name="watch-catalog",
+                                    handlers=(self._on_catalog,)),
+            "control": WatchedCache(store, keys.node_controls, proto_decoder(NodeControl), name="watch-control",
+                                    handlers=(self._on_control,)),
+        }
 
     def listener(self) -> asyncio.Event:
         """An event of the caller's own, set on every change (the caller clears it)."""
@@ -135,39 +149,28 @@ class DesiredState:
         self._listeners.append(event)
         return event
 
-    async def run(self) -> None:
-        """Run the three watches until cancelled."""
-        await asyncio.gather(
-            self._follow("desired", self.keys.desired_for_node(self.node_id), self._apply_desired),
-            self._follow("catalog", self.keys.models, self._apply_catalog),
-            self._follow("control", self.keys.node_controls, self._apply_control),
-        )
+    def start(self, loops: Supervisor) -> None:
+        """Run the three caches under ``loops`` (they stop with it)."""
+        for cache in self.caches.values():
+            cache.start(loops)
 
-    async def _follow(self, name: str, prefix: str, apply: Callable[[dict[str, KeyValue | None], bool], None]) -> None:
-        async for update in watch_prefix(self.store, prefix):
-            if isinstance(update, Resync):
-                apply(dict(update.items), True)
-            elif isinstance(update, Changes):
-                apply({c.key: c.kv for c in update.changes}, False)
-            self.loaded.add(name)
-            self.changed.set()
-            for event in self._listeners:
-                event.set()
+    def _changed(self, name: str) -> None:
+        self.loaded.add(name)
+        self.changed.set()
+        for event in self._listeners:
+            event.set()
 
-    def _apply_desired(self, items: dict[str, KeyValue | None], replace: bool) -> None:
-        self.assignments = _merge(self.assignments, items, replace, Assignment)
+    def _on_desired(self, _: CacheEvent[Assignment]) -> None:
+        self.assignments = _by_last_segment(self.caches["desired"].items)
+        self._changed("desired")
 
-    def _apply_catalog(self, items: dict[str, KeyValue | None], replace: bool) -> None:
-        self.catalog = _merge(self.catalog, items, replace, ModelSpec)
+    def _on_catalog(self, _: CacheEvent[ModelSpec]) -> None:
+        self.catalog = _by_last_segment(self.caches["catalog"].items)
+        self._changed("catalog")
 
-    def _apply_control(self, items: dict[str, KeyValue | None], replace: bool) -> None:
-        mine = self.keys.node_control(self.node_id)
-        if replace:
-            self.control = None
-        for key, kv in items.items():
-            if key != mine:
-                continue
-            self.control = _decode_or_none(NodeControl, kv) if kv is not None else None
+    def _on_control(self, _: CacheEvent[NodeControl]) -> None:
+        self.control = self.caches["control"].items.get(self.keys.node_control(self.node_id))
+        self._changed("control")
 
     @property
     def drain_requested(self) -> bool:
@@ -175,25 +178,9 @@ class DesiredState:
         return bool(self.control and self.control.drain)
 
 
-def _decode_or_none(msg_type: type[M], kv: KeyValue) -> M | None:
-    try:
-        return decode(msg_type, kv)
-    except RecordDecodeError as exc:
-        log.warning("skipping undecodable record", key=kv.key, error=str(exc))
-        return None
-
-
-def _merge(current: dict[str, M], items: dict[str, KeyValue | None], replace: bool, msg_type: type[M]) -> dict[str, M]:
-    """Apply a watch batch to a map keyed by the key's last segment (the assignment id, the model name)."""
-    out = {} if replace else dict(current)
-    for key, kv in items.items():
-        name = decode_segment(key.rsplit("/", 1)[-1])
-        msg = _decode_or_none(msg_type, kv) if kv is not None else None
-        if msg is None:
-            out.pop(name, None)
-        else:
-            out[name] = msg
-    return out
+def _by_last_segment(items: Mapping[str, M]) -> dict[str, M]:
+    """Records keyed by their key's last segment (the assignment id, the model name)."""
+    return {decode_segment(key.rsplit("/", 1)[-1]): rec for key, rec in items.items()}
 
 
 async def wait_loaded(state: DesiredState, names: Collection[str], timeout: float) -> bool:

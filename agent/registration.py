@@ -6,7 +6,7 @@ in one transaction before the session reports itself alive, so after an etcd out
 registration reappears at once. Liveness is the lease keepalive; nothing here writes periodically
 unless a value changed.
 
-    set()/remove() ──▶ wanted ──(sync loop, on change or every resync_s)──▶ etcd (lease L)
+    set()/remove() ──▶ wanted ──(loop "registration", on change or every resync_s)──▶ etcd (lease L)
                           ▲                                                 │
                           └──── on_granted(L'): published := {} ; write all ┘
 """
@@ -14,10 +14,10 @@ unless a value changed.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 
 import structlog
 
+from controlplane.loops import Backoff, PeriodicLoop, Supervisor
 from controlplane.store import EtcdStore, LeaseLost, LeaseSession, Op, StoreError
 
 log = structlog.get_logger(__name__)
@@ -96,24 +96,16 @@ class Registration:
             self._synced.notify_all()
         return True
 
-    async def run(self) -> None:
-        """Publish changes forever; errors are logged and retried (the loop never dies)."""
-        backoff = 0.1
-        while True:
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._changed.wait(), self.resync_s)
-            self._changed.clear()
-            try:
-                ok = await self.sync_once()
-            except StoreError as exc:
-                log.warning("registration sync failed; retrying", error=str(exc), retry_in=backoff)
-                ok = False
-            if ok or self.session is None or not self.session.alive:
-                backoff = 0.1
-                continue
-            await asyncio.sleep(backoff)
-            backoff = min(backoff * 2, 5.0)
-            self._changed.set()
+    def start(self, loops: Supervisor) -> PeriodicLoop:
+        """Publish changes forever as the supervised loop ``registration`` (woken by every change)."""
+        return loops.periodic("registration", self.step, interval_s=self.resync_s, wake=self._changed,
+                              timeout_s=max(10.0, self.resync_s), backoff=Backoff(base_s=0.1, max_s=5.0))
+
+    async def step(self) -> None:
+        """One sync; fails (so the runner retries with backoff) while a live lease is not in sync."""
+        ok = await self.sync_once()
+        if not ok and self.session is not None and self.session.alive:
+            raise StoreError("registration not in sync on the current lease; retrying")
 
     async def flush(self, timeout: float) -> bool:
         """Wait until etcd holds what is wanted (True) or ``timeout`` passes (False)."""

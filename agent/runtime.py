@@ -7,7 +7,10 @@
     SIGTERM / SIGUSR1 / job end - drain window ─▶ drain every instance ─▶ delete node ─▶ revoke lease
 
 etcd trouble never stops the engines: the lease session re-grants and re-registers when etcd
-answers again, and the engines keep serving meanwhile.
+answers again, and the engines keep serving meanwhile. Every long-running task (registration,
+the desired-state caches, node control, pool reconcile, each instance's lifecycle, the job-end
+clock) is a supervised loop (controlplane/loops.py): a failed step is logged and retried with
+backoff, and no exception ends a loop.
 """
 
 from __future__ import annotations
@@ -27,11 +30,12 @@ import structlog
 from agent.engines import get_adapter
 from agent.gpus import GpuInfo
 from agent.instance import InstanceConfig, InstanceTimings, ManagedInstance
-from agent.pool import DesiredState, RunningAssignment, wait_loaded
+from agent.pool import DesiredState, RunningAssignment
 from agent.pool import diff as pool_diff
 from agent.registration import Registration
 from agent.slurm import SlurmJobInfo
 from controlplane.keys import Keys
+from controlplane.loops import Backoff, ProgressFn, Supervisor
 from controlplane.pb import NodeRecord
 from controlplane.store import EtcdConfig, EtcdStore, LeaseSession
 from controlplane.store.config import parse_endpoint
@@ -117,6 +121,8 @@ class Agent:
         self._bind = ""
         self._registration: Registration | None = None
         self._http: aiohttp.ClientSession | None = None
+        self.loops = Supervisor()
+        self.reconcile_wait_s = 60.0        # pool mode: how long to wait for the desired state to load
 
     def request_drain(self, reason: str) -> None:
         """Begin draining (signal handlers, job end clock, `ctl nodes drain`); idempotent."""
@@ -149,7 +155,7 @@ class Agent:
         instance_id = f"{self.config.node_id}-{uuid.uuid4().hex[:8]}"
         inst = ManagedInstance(instance_id, icfg, self._registration, self.keys, self._http, self.config.timings)
         self.instances[key] = inst
-        inst.start()
+        inst.start(self.loops)
         self._publish_node()
 
     async def _stop_instance(self, key: str) -> None:
@@ -184,34 +190,44 @@ class Agent:
         self._publish_node()
         async with aiohttp.ClientSession() as http:
             self._http = http
-            for spec, gpus in zip(cfg.serve, gpu_sets, strict=True):
-                icfg = self._instance_config(spec.model, spec.engine, gpus, source=spec.source,
-                                             extra_args=spec.extra_args, template=spec.template)
-                icfg.options.update(spec.options)
-                self._start_instance(f"serve-{spec.model}", icfg)
-            session.start()
-            desired = DesiredState(store, self.keys, cfg.node_id)
-            tasks = [asyncio.create_task(registration.run(), name="registration"),
-                     asyncio.create_task(self._job_end_clock(), name="job-end-clock"),
-                     asyncio.create_task(desired.run(), name="desired-state"),
-                     asyncio.create_task(self._follow_control(desired), name="node-control")]
-            if cfg.pool:
-                tasks.append(asyncio.create_task(self._reconcile_loop(desired), name="pool-reconcile"))
-            log.info("agent running", node=cfg.node_id, address=self._advertise, pool=cfg.pool,
-                     models=[s.model for s in cfg.serve], gpus=[g.type for g in cfg.gpus],
-                     slurm_job=cfg.slurm.job_id if cfg.slurm else None)
+            loops = self.loops
             try:
+                for spec, gpus in zip(cfg.serve, gpu_sets, strict=True):
+                    icfg = self._instance_config(spec.model, spec.engine, gpus, source=spec.source,
+                                                 extra_args=spec.extra_args, template=spec.template)
+                    icfg.options.update(spec.options)
+                    self._start_instance(f"serve-{spec.model}", icfg)
+                session.start()
+                registration.start(loops)
+                desired = DesiredState(store, self.keys, cfg.node_id)
+                desired.start(loops)
+                loops.continuous("job-end-clock", self._job_end_clock)
+                loops.periodic("node-control", lambda: self._follow_control(desired), interval_s=5.0,
+                               wake=desired.listener())
+                if cfg.pool:
+                    since = time.monotonic()
+                    loops.periodic("pool-reconcile", lambda: self._reconcile(desired, since), interval_s=5.0,
+                                   wake=desired.listener(), backoff=Backoff(base_s=1.0, max_s=30.0))
+                log.info("agent running", node=cfg.node_id, address=self._advertise, pool=cfg.pool,
+                         models=[s.model for s in cfg.serve], gpus=[g.type for g in cfg.gpus],
+                         slurm_job=cfg.slurm.job_id if cfg.slurm else None)
                 await self.drain_requested.wait()
                 await self.drain(registration)
             finally:
-                for t in tasks:
-                    t.cancel()
-                for inst in self.instances.values():  # a crash above must not leave engines behind
-                    if inst.engine is not None and inst.engine.running:
-                        await inst.engine.stop(5)
+                await loops.close()
+                await self._stop_engines_now()  # a crash above must not leave engines behind
                 await session.close(revoke=True)
                 await store.close()
         log.info("agent stopped", node=self.config.node_id, reason=self.drain_reason)
+
+    async def _stop_engines_now(self) -> None:
+        """Stop every engine still running, at once (the crash path; a drain stopped them already)."""
+        for task in list(self._stopping.values()):
+            task.cancel()
+        # Cancelled stop tasks remove their instance from the dict while we await below: iterate a copy.
+        for inst in list(self.instances.values()):
+            if inst.engine is not None and inst.engine.running:
+                await inst.engine.stop(5)
 
     async def drain(self, registration: Registration) -> None:
         """Drain every instance concurrently, then remove the node record."""
@@ -228,33 +244,22 @@ class Agent:
 
     async def _follow_control(self, desired: DesiredState) -> None:
         """`ctl nodes drain`: a serve-mode agent drains and exits; a pool agent stops taking work."""
-        changed = desired.listener()
-        while True:
-            await changed.wait()
-            changed.clear()
-            if desired.drain_requested != self._node_draining:
-                self._node_draining = desired.drain_requested
-                self._publish_node()
-                if self._node_draining and not self.config.pool:
-                    reason = desired.control.reason if desired.control else ""
-                    self.request_drain(f"ctl nodes drain{': ' + reason if reason else ''}")
+        if desired.drain_requested != self._node_draining:
+            self._node_draining = desired.drain_requested
+            self._publish_node()
+            if self._node_draining and not self.config.pool:
+                reason = desired.control.reason if desired.control else ""
+                self.request_drain(f"ctl nodes drain{': ' + reason if reason else ''}")
 
-    async def _reconcile_loop(self, desired: DesiredState) -> None:
-        """Pool mode: converge to desired/<node>/ forever (level-triggered; never dies)."""
-        changed = desired.listener()
-        if not await wait_loaded(desired, ("desired", "catalog", "control"), timeout=60):
+    async def _reconcile(self, desired: DesiredState, since: float) -> None:
+        """Pool mode, one round: converge to desired/<node>/ (level-triggered; the runner retries)."""
+        if self.drain_requested.is_set():
+            return
+        if not {"desired", "catalog", "control"} <= desired.loaded:
+            if time.monotonic() - since < self.reconcile_wait_s:
+                return  # woken again when a cache loads
             log.warning("desired state not loaded yet; reconciling with what is known")
-        backoff = 1.0
-        while not self.drain_requested.is_set():
-            try:
-                self._reconcile_once(desired)
-                backoff = 1.0
-            except Exception:  # one bad round must not end the loop; the next round retries
-                log.exception("reconcile round failed", retry_in=backoff)
-                backoff = min(backoff * 2, 30.0)
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(changed.wait(), backoff if backoff > 1 else 5.0)
-            changed.clear()
+        self._reconcile_once(desired)
 
     def _reconcile_once(self, desired: DesiredState) -> None:
         running = {key: RunningAssignment(key, inst.config.model, inst.config.gpu_indices, inst.config.adapter.name)
@@ -279,15 +284,16 @@ class Agent:
                 a.model, engine, gpus, source=spec.source, extra_args=tuple(spec.engine_args),
                 assignment_id=a.assignment_id))
 
-    async def _job_end_clock(self) -> None:
+    async def _job_end_clock(self, progress: ProgressFn) -> None:
         """Request a drain when the Slurm job's end time minus the drain window is reached."""
         slurm = self.config.slurm
         if slurm is None or not slurm.end_time_unix:
             return
         at = slurm.end_time_unix - self.config.drain_window_s
-        delay = at - time.time()
-        log.info("drain scheduled for job end", job=slurm.job_id, in_s=round(delay, 1))
-        await asyncio.sleep(max(0.0, delay))
+        log.info("drain scheduled for job end", job=slurm.job_id, in_s=round(at - time.time(), 1))
+        while (left := at - time.time()) > 0:  # wall clock: re-read often, it may be stepped
+            progress()
+            await asyncio.sleep(min(left, 30.0))
         self.request_drain(f"Slurm job {slurm.job_id} ends in {self.config.drain_window_s:.0f}s")
 
 

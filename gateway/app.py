@@ -1,12 +1,14 @@
 """The gateway application: OpenAI routes over a routing table that etcd keeps current.
 
 ``Gateway.start`` runs the background work, then serves HTTP (``gateway.server``); ``stop`` drains.
-Background work: one etcd connection, list-then-watches of ``instances/`` (the
-RoutingTable), ``keys/`` (the KeyTable) and ``models/`` (private models), the fleet member (lease,
-``gateways/`` registration and watch, demand and usage writes; gateway/fleet.py) and the shared
-upstream session. If etcd becomes unreachable the watches retry forever while requests keep
-being routed on the last table (fail static); ``/readyz`` and the
-``modelpool_gateway_etcd_connected`` metric say so.
+Background work, every piece a supervised loop (controlplane/loops.py): one etcd connection,
+watched caches of ``instances/`` (the RoutingTable), ``keys/`` (the KeyTable) and ``models/``
+(private models), an etcd probe (a read with a 2 s deadline every second: a hung etcd shows
+within ~3 s), the fleet member (lease, ``gateways/`` registration and cache, demand and usage
+writes; gateway/fleet.py), the access-log flush and the shared upstream session. The API routes
+answer 503 until the three tables are loaded. If etcd becomes unreachable the caches keep their
+last contents and requests keep being routed on them (fail static); ``/readyz``, the
+``modelpool_gateway_etcd_connected`` metric and the ``modelpool_loop_*`` metrics say so.
 
     request ─▶ key ─▶ model visible? (404) ─▶ known? (404) ─▶ rate limit (429) ─▶ demand
             ─▶ READY? (503) ─▶ forward (affinity / P2C, retries) ─▶ usage, tokens, access log
@@ -22,15 +24,19 @@ import contextlib
 import socket
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
+from typing import Any
 from urllib.parse import unquote
 
 import structlog
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 from controlplane.keys import Keys
-from controlplane.store import EtcdConfig, EtcdStore, watch_prefix
+from controlplane.loops import Backoff, LoopState, Supervisor
+from controlplane.pb import ApiKey, InstanceRecord, ModelSpec
+from controlplane.store import EtcdConfig, EtcdStore, StoreError
+from controlplane.store.cache import CacheEvent, WatchedCache, proto_decoder
 from gateway.accesslog import FLUSH_S, AccessLog
 from gateway.auth import ANONYMOUS, KeyTable, ModelAccessTable, Principal, check_model_access
 from gateway.ejection import Ejections
@@ -80,6 +86,9 @@ class GatewayConfig:
     demand_window_s: int = 60
     worker_metrics_dir: str = ""          # with --workers N: where workers publish their metrics ports
     worker_slot: int = 0
+    etcd_probe_interval_s: float = 1.0    # a read with etcd_probe_timeout_s deadline this often
+    etcd_probe_timeout_s: float = 2.0
+    outage_grace_s: float = 20.0          # after etcd answers again, instances that vanished stay usable this long
 
 
 class Gateway:
@@ -97,6 +106,9 @@ class Gateway:
         self.usage = UsageBook()
         self.demand = DemandMeter(time.monotonic(), config.demand_window_s)
         self.etcd_connected = False
+        self.etcd_lost_at: float | None = None   # monotonic time the probe first failed, while it fails
+        self.loops = Supervisor()
+        self.caches: list[WatchedCache[Any]] = []
         self.table_updated_at = 0.0
         self.forwarder: Forwarder | None = None
         self.fleet: FleetMember | None = None
@@ -118,10 +130,11 @@ class Gateway:
         async with contextlib.AsyncExitStack() as stack:
             await stack.enter_async_context(self.background())
             deadline = time.monotonic() + listen_after_load_s
-            while listen_after_load_s > 0 and not self.table.loaded and time.monotonic() < deadline:
+            while listen_after_load_s > 0 and not self.state_loaded and time.monotonic() < deadline:
                 await asyncio.sleep(0.02)
-            if listen_after_load_s > 0 and not self.table.loaded:
-                log.warning("routing table not loaded yet; listening anyway", waited_s=listen_after_load_s)
+            if listen_after_load_s > 0 and not self.state_loaded:
+                log.warning("etcd state not loaded yet; listening, API routes answer 503 until it is",
+                            waited_s=listen_after_load_s)
             self.server = self.http_server()
             await self.server.start(sock)
             self._background = stack.pop_all()  # started: stop() tears it down
@@ -136,76 +149,107 @@ class Gateway:
         if background is not None:
             await background.aclose()
 
+    @property
+    def state_loaded(self) -> bool:
+        """True once instances, models and (with auth) keys were listed from etcd (stays true)."""
+        return all(c.loaded for c in self.caches) and bool(self.caches)
+
     def http_server(self) -> HttpServer:
-        """The HTTP server of this gateway's routes."""
-        forward: dict[str, Handler] = {"POST": self.forward}
+        """The HTTP server of this gateway's routes (API routes gated until the state is loaded)."""
+        forward: dict[str, Handler] = {"POST": self._when_loaded(self.forward)}
         return HttpServer(
             {**{path: forward for path in FORWARDED_ROUTES},
-             "/v1/models": {"GET": self.list_models}, "/healthz": {"GET": self.healthz},
+             "/v1/models": {"GET": self._when_loaded(self.list_models)}, "/healthz": {"GET": self.healthz},
              "/readyz": {"GET": self.readyz}, "/metrics": {"GET": self.prometheus}},
-            prefix_routes=[("/v1/models/", {"GET": self.get_model})],
+            prefix_routes=[("/v1/models/", {"GET": self._when_loaded(self.get_model)})],
             max_body_bytes=self.config.max_body_bytes)
+
+    def _when_loaded(self, handler: Handler) -> Handler:
+        """``handler``, answering 503 (Retry-After) until the tables are loaded: before that a valid
+        key would get 401 and a private model would be visible."""
+        async def gated(request: Request, response: Response) -> None:
+            if not self.state_loaded:
+                raise NoCapacity("the gateway is starting: its routing, key and model tables are not loaded "
+                                 "from etcd yet; retry shortly")
+            await handler(request, response)
+        return gated
 
     @contextlib.asynccontextmanager
     async def background(self) -> AsyncIterator[None]:
-        """etcd watches, the fleet member and the upstream connection pool."""
-        store = await EtcdStore(self.config.etcd).connect()
-        pool = UpstreamPool(connect_timeout_s=self.config.proxy.connect_timeout_s)
-        self.forwarder = Forwarder(pool, self.config.proxy, on_retry=self.metrics.retries.inc)
-        self.metrics.bind(self)
-        tasks = [asyncio.create_task(self._watch(store, self.keys.instances, self._on_instances),
-                                     name="watch-instances"),
-                 asyncio.create_task(self._watch(store, self.keys.models, self.access.apply), name="watch-models"),
-                 asyncio.create_task(self._flush_access_log(), name="access-log")]
-        if self.config.auth:
-            tasks.append(asyncio.create_task(self._watch(store, self.keys.api_keys, self._on_keys),
-                                             name="watch-keys"))
-        self.fleet = FleetMember(store, self.keys, self.config.gateway_id, self.config.address, self.config.fleet,
-                                 self.usage, self.demand, self.limiter.set_fleet_size)
-        await self.fleet.start()
-        if self.config.worker_metrics_dir:
-            self.worker_metrics = WorkerMetrics(self.config.worker_metrics_dir, self.config.worker_slot,
-                                                lambda: self.metrics.render()[0])
-            await self.worker_metrics.start()
-        try:
+        """etcd caches and probe, the fleet member, the access log and the upstream connection pool.
+
+        Whatever started is stopped again when setup fails halfway (nothing leaks)."""
+        async with contextlib.AsyncExitStack() as stack:
+            stack.callback(self.access_log.flush)
+            store = await EtcdStore(self.config.etcd).connect()
+            stack.push_async_callback(store.close)
+            pool = UpstreamPool(connect_timeout_s=self.config.proxy.connect_timeout_s)
+            stack.callback(pool.close)
+            self.forwarder = Forwarder(pool, self.config.proxy, on_retry=self.metrics.retries.inc)
+            self.metrics.bind(self)
+            self.metrics.registry.register(self.loops.collector())  # type: ignore[arg-type]
+            stack.push_async_callback(self.loops.close)
+            self._start_caches(store)
+            self.loops.periodic("etcd-probe", lambda: self._probe(store), interval_s=self.config.etcd_probe_interval_s,
+                                backoff=Backoff(base_s=self.config.etcd_probe_interval_s,
+                                                max_s=self.config.etcd_probe_interval_s))
+            self.loops.periodic("access-log", self._flush_access_log, interval_s=FLUSH_S, run_first=False)
+            self.fleet = FleetMember(store, self.keys, self.config.gateway_id, self.config.address, self.config.fleet,
+                                     self.usage, self.demand, self.limiter.set_fleet_size)
+            stack.push_async_callback(self.fleet.close)
+            await self.fleet.start(self.loops)
+            if self.config.worker_metrics_dir:
+                self.worker_metrics = WorkerMetrics(self.config.worker_metrics_dir, self.config.worker_slot,
+                                                    lambda: self.metrics.render()[0])
+                stack.push_async_callback(self.worker_metrics.stop)
+                await self.worker_metrics.start()
             yield
-        finally:
-            if self.worker_metrics is not None:
-                await self.worker_metrics.stop()
-            for t in tasks:
-                t.cancel()
-            for t in tasks:
-                with contextlib.suppress(asyncio.CancelledError):
-                    await t
-            await self.fleet.close()
-            pool.close()
-            await store.close()
-            self.access_log.flush()
+
+    def _start_caches(self, store: EtcdStore) -> None:
+        instances = WatchedCache(store, self.keys.instances, proto_decoder(InstanceRecord), name="watch-instances",
+                                 handlers=(self._on_instances,))
+        models = WatchedCache(store, self.keys.models, proto_decoder(ModelSpec), name="watch-models",
+                              handlers=(self.access.apply,))
+        caches: list[WatchedCache[Any]] = [instances, models]
+        if self.config.auth:
+            caches.append(WatchedCache(store, self.keys.api_keys, proto_decoder(ApiKey), name="watch-keys",
+                                       handlers=(self._on_keys,)))
+        self.caches = caches
+        for cache in caches:
+            cache.start(self.loops)
 
     async def _flush_access_log(self) -> None:
-        while True:
-            await asyncio.sleep(FLUSH_S)
-            self.access_log.flush()
+        self.access_log.flush()
 
-    async def _watch(self, store: EtcdStore, prefix: str, apply: Callable[..., None]) -> None:
-        async for update in watch_prefix(store, prefix, on_connectivity=self._on_connectivity):
-            try:
-                apply(update)
-            except Exception:  # one bad batch must not stop routing updates; the next resync repairs
-                log.exception("failed to apply watch update", prefix=prefix)
+    async def _probe(self, store: EtcdStore) -> None:
+        """One etcd read with a short deadline: the truth behind /readyz's ``etcd``."""
+        try:
+            await store.probe(self.config.etcd_probe_timeout_s)
+        except StoreError:
+            self._on_connectivity(False)
+            raise
+        self._on_connectivity(True)
 
-    def _on_instances(self, update: object) -> None:
-        self.table.apply(update)  # type: ignore[arg-type]
+    def _on_instances(self, event: CacheEvent[InstanceRecord]) -> None:
+        self.table.apply(event)
         self.table_updated_at = time.monotonic()
         self.ejections.forget_missing({ep.instance_id for ep in self.table.all()})
 
-    def _on_keys(self, update: object) -> None:
-        self.api_keys.apply(update)  # type: ignore[arg-type]
+    def _on_keys(self, event: CacheEvent[ApiKey]) -> None:
+        self.api_keys.apply(event)
         self.limiter.forget(self.api_keys.key_ids())
 
     def _on_connectivity(self, up: bool) -> None:
+        now = time.monotonic()
         if up != self.etcd_connected:
-            log.info("etcd connectivity", connected=up)
+            (log.info if up else log.warning)("etcd connectivity", connected=up)
+        if not up:
+            if self.etcd_lost_at is None:
+                self.etcd_lost_at = now
+            self.table.hold_removals(float("inf"))   # leases may all expire when etcd returns
+        elif self.etcd_lost_at is not None:
+            self.etcd_lost_at = None
+            self.table.hold_removals(now + self.config.outage_grace_s)
         self.etcd_connected = up
 
     # -- handlers ----------------------------------------------------------------------------
@@ -326,15 +370,24 @@ class Gateway:
         response.send_json(200, {"status": "ok"})
 
     async def readyz(self, _: Request, response: Response) -> None:
-        """Readiness: the routing table was loaded once; 'degraded' while etcd is unreachable."""
-        body = {"status": "ok", "etcd": "connected" if self.etcd_connected else "unreachable",
-                "instances": len(self.table), "models": len(self.table.models()), "revision": self.table.revision}
-        if not self.table.loaded:
+        """Readiness (docs/gateway.md): 503 "starting" until the tables are loaded; then 200, with
+        status "degraded" while etcd is unreachable or a loop is failing or stuck (still routing on
+        the last tables: fail static), else "ok"."""
+        statuses = self.loops.statuses()
+        problems = [st.name for st in statuses if st.state in (LoopState.FAILING, LoopState.STUCK, LoopState.STOPPED)]
+        lease = self.fleet.session.alive if self.fleet is not None else False
+        body: dict[str, object] = {
+            "status": "ok", "etcd": "connected" if self.etcd_connected else "unreachable",
+            "lease": "held" if lease else "lost",
+            "instances": len(self.table), "models": len(self.table.models()), "revision": self.table.revision,
+            "problems": problems, "loops": {st.name: st.to_dict() for st in statuses},
+        }
+        if not self.state_loaded:
             body["status"] = "starting"
             response.send_json(503, body)
             return
-        if not self.etcd_connected:
-            body["status"] = "degraded"  # fail static: still routing on the last table
+        if not self.etcd_connected or problems:
+            body["status"] = "degraded"  # fail static: still routing on the last tables
         response.send_json(200, body)
 
     async def prometheus(self, _: Request, response: Response) -> None:

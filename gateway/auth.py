@@ -17,9 +17,9 @@ from dataclasses import dataclass
 
 import structlog
 
-from controlplane.keys import RecordDecodeError, decode, decode_segment
+from controlplane.keys import decode_segment
 from controlplane.pb import ApiKey, ModelSpec
-from controlplane.store import Changes, KeyValue, Resync, WatchUpdate
+from controlplane.store.cache import CacheEvent, Replaced
 from gateway.errors import Forbidden, ModelNotFound, Unauthorized
 
 log = structlog.get_logger(__name__)
@@ -56,41 +56,35 @@ ANONYMOUS = Principal("anonymous", "anonymous", None)
 
 
 class KeyTable:
-    """Hash → ApiKey, kept current by the keys/ watch."""
+    """Hash → ApiKey, kept current by the keys cache."""
 
     def __init__(self) -> None:
-        self._by_hash: dict[str, ApiKey] = {}
+        self._by_hash: dict[str, tuple[str, ApiKey]] = {}   # digest -> (the digest as stored in etcd, record)
         self.loaded = False
 
-    def apply(self, update: WatchUpdate) -> None:
-        """Apply a Resync or Changes from the keys watch."""
-        if isinstance(update, Resync):
+    def apply(self, event: CacheEvent[ApiKey]) -> None:
+        """Apply an event of the keys cache (undecodable records never reach it: unknown keys)."""
+        if isinstance(event, Replaced):
             self._by_hash = {}
-            for key, kv in update.items.items():
-                self._put(key, kv)
+            for key, rec in event.items.items():
+                self._put(key, rec)
             self.loaded = True
-        elif isinstance(update, Changes):
-            for change in update.changes:
-                digest = change.key.rsplit("/", 1)[-1]
-                if change.kv is None:
-                    self._by_hash.pop(digest, None)
-                else:
-                    self._put(change.key, change.kv)
+            return
+        for key in (*event.deletes, *event.bad):
+            self._by_hash.pop(key.rsplit("/", 1)[-1], None)
+        for key, rec in event.upserts.items():
+            self._put(key, rec)
 
-    def _put(self, key: str, kv: KeyValue) -> None:
+    def _put(self, key: str, rec: ApiKey) -> None:
         digest = key.rsplit("/", 1)[-1]
-        try:
-            self._by_hash[digest] = decode(ApiKey, kv)
-        except RecordDecodeError as exc:
-            log.warning("skipping undecodable api key record", key=key, error=str(exc))
-            self._by_hash.pop(digest, None)
+        self._by_hash[digest] = (digest, rec)
 
     def __len__(self) -> int:
         return len(self._by_hash)
 
     def key_ids(self) -> set[str]:
         """Public ids of every key in the table."""
-        return {r.key_id for r in self._by_hash.values()}
+        return {r.key_id for _, r in self._by_hash.values()}
 
     def authenticate(self, authorization: str | None, now: float | None = None) -> Principal:
         """The caller behind an ``Authorization`` header; raises Unauthorized with the reason."""
@@ -101,9 +95,11 @@ class KeyTable:
         if scheme.lower() != "bearer" or not token:
             raise Unauthorized("malformed Authorization header: expected 'Bearer <key>'")
         digest = key_hash(token)
-        record = self._by_hash.get(digest)
-        if record is None or not hmac.compare_digest(digest, key_hash(token)):
+        entry = self._by_hash.get(digest)
+        # The final check compares the digest stored in etcd with the presented key's, in constant time.
+        if entry is None or not hmac.compare_digest(entry[0], digest):
             raise Unauthorized("invalid API key")
+        record = entry[1]
         if record.revoked:
             raise Unauthorized("this API key was revoked")
         if record.expires_unix and (now if now is not None else time.time()) >= record.expires_unix:
@@ -112,7 +108,7 @@ class KeyTable:
 
 
 class ModelAccessTable:
-    """Private models (ModelSpec.access.public false) and who may see them, from the models/ watch.
+    """Private models (ModelSpec.access.public false) and who may see them, from the models cache.
 
     A model without a catalog record, or with a record written before access rules existed (no
     ``access`` field), is public.
@@ -123,33 +119,36 @@ class ModelAccessTable:
         self._catalog: set[str] = set()
         self.loaded = False
 
-    def apply(self, update: WatchUpdate) -> None:
-        """Apply a Resync or Changes from the models watch."""
-        if isinstance(update, Resync):
+    def apply(self, event: CacheEvent[ModelSpec]) -> None:
+        """Apply an event of the models cache; a record that does not decode fails closed."""
+        if isinstance(event, Replaced):
             self._private = {}
             self._catalog = set()
-            for key, kv in update.items.items():
-                self._put(key, kv)
+            for key in event.bad:
+                self._put_bad(key)
+            for key, spec in event.items.items():
+                self._put(key, spec)
             self.loaded = True
-        elif isinstance(update, Changes):
-            for change in update.changes:
-                if change.kv is None:
-                    name = decode_segment(change.key.rsplit("/", 1)[-1])
-                    self._private.pop(name, None)
-                    self._catalog.discard(name)
-                else:
-                    self._put(change.key, change.kv)
+            return
+        for key in event.deletes:
+            name = decode_segment(key.rsplit("/", 1)[-1])
+            self._private.pop(name, None)
+            self._catalog.discard(name)
+        for key in event.bad:
+            self._put_bad(key)
+        for key, spec in event.upserts.items():
+            self._put(key, spec)
 
-    def _put(self, key: str, kv: KeyValue) -> None:
+    def _put_bad(self, key: str) -> None:
+        # fail closed: a model whose access rules cannot be read is treated as private to nobody
+        name = decode_segment(key.rsplit("/", 1)[-1])
+        log.warning("undecodable model record; hiding it from non-admin keys", key=key)
+        self._catalog.add(name)
+        self._private[name] = frozenset()
+
+    def _put(self, key: str, spec: ModelSpec) -> None:
         name = decode_segment(key.rsplit("/", 1)[-1])
         self._catalog.add(name)
-        try:
-            spec = decode(ModelSpec, kv)
-        except RecordDecodeError as exc:
-            # fail closed: a model whose access rules cannot be read is treated as private to nobody
-            log.warning("undecodable model record; hiding it from non-admin keys", key=key, error=str(exc))
-            self._private[name] = frozenset()
-            return
         if spec.HasField("access") and not spec.access.public:
             self._private[name] = frozenset(spec.access.allowed_owners)
         else:

@@ -12,7 +12,7 @@
      ├── HeadersTooLarge   431  invalid_request_error
      ├── RateLimited       429  type "requests" | "tokens", code rate_limit_exceeded (with Retry-After),
      │                         as OpenAI answers a key over its RPM / TPM
-     ├── NoCapacity        503  service_unavailable (no READY instance can take it)
+     ├── NoCapacity        503  service_unavailable (no READY instance can take it; with Retry-After)
      ├── UpstreamFailed    502  upstream_error (every attempt failed before the first byte)
      └── UpstreamTimeout   504  upstream_timeout
 """
@@ -89,6 +89,11 @@ class RateLimited(GatewayError):
 
 class NoCapacity(GatewayError):
     status, type, code = 503, "service_unavailable", "no_capacity"
+
+    def __init__(self, message: str, *, param: str | None = None, headers: dict[str, str] | None = None,
+                 retry_after_s: int = 1) -> None:
+        # a 503 is temporary by definition here: say when to come back
+        super().__init__(message, param=param, headers={"Retry-After": str(retry_after_s), **(headers or {})})
 
 
 class UpstreamFailed(GatewayError):

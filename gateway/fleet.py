@@ -6,24 +6,26 @@
     every demand_interval_s ──▶ put demand/<model>/<id> (on the lease), delete idle models' keys
     every usage_flush_s     ──▶ put usage/<key>/<model>/<id> (no lease: history outlives us)
 
-Each loop step is wrapped, logged and retried on the next tick; an etcd outage only delays the
-writes (usage entries stay dirty until a flush succeeds). Closing revokes the lease, so the
+Every loop runs under the gateway's loop runner (controlplane/loops.py): each step is timed,
+logged and retried with backoff, and shows in /readyz; an etcd outage only delays the writes
+(usage entries stay dirty until a flush succeeds). Closing revokes the lease, so the
 gateway and demand records vanish at once on a clean shutdown and after one TTL otherwise.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 import structlog
 
 from controlplane.keys import Keys, RecordDecodeError, decode
+from controlplane.loops import Backoff, Loop, Supervisor
 from controlplane.pb import GatewayRecord, Usage
-from controlplane.store import Changes, EtcdStore, LeaseLost, LeaseSession, Op, Resync, StoreError, watch_prefix
+from controlplane.store import EtcdStore, LeaseLost, LeaseSession, Op, StoreError
+from controlplane.store.cache import CacheEvent, WatchedCache, proto_decoder
 from gateway.usage import DemandMeter, UsageBook
 
 log = structlog.get_logger(__name__)
@@ -57,46 +59,45 @@ class FleetMember:
         self.started_ms = int(time.time() * 1000)
         self.session = LeaseSession(store, settings.lease_ttl_s, on_granted=self._register, name="gateway")
         self._published: set[str] = set()
-        self._members: set[str] = set()
-        self._tasks: list[asyncio.Task[None]] = []
+        self.members = WatchedCache(store, keys.gateways, proto_decoder(GatewayRecord), name="watch-gateways",
+                                    handlers=(self._on_members,))
+        self._loops: list[Loop] = []
 
     # -- lifecycle ---------------------------------------------------------------------------
 
-    async def start(self) -> None:
-        """Seed usage from earlier runs of this gateway id, then start every loop."""
+    async def start(self, loops: Supervisor) -> None:
+        """Seed usage from earlier runs of this gateway id, then start every loop under ``loops``."""
         await self._seed_usage()
         self.session.start()
-        self._tasks = [
-            asyncio.create_task(self._watch_members(), name="watch-gateways"),
-            asyncio.create_task(self._every(self.settings.demand_interval_s, self.publish_demand), name="demand"),
-            asyncio.create_task(self._every(self.settings.usage_flush_s, self.flush_usage), name="usage-flush"),
+        backoff = Backoff(base_s=0.5, max_s=min(self.settings.demand_interval_s, self.settings.usage_flush_s))
+        self._loops = [
+            self.members.start(loops),
+            loops.periodic("demand", self._guarded(self.publish_demand), interval_s=self.settings.demand_interval_s,
+                           timeout_s=self.settings.demand_interval_s * 2, backoff=backoff, run_first=False),
+            loops.periodic("usage-flush", self._guarded(self.flush_usage), interval_s=self.settings.usage_flush_s,
+                           timeout_s=self.settings.usage_flush_s * 2, backoff=backoff, run_first=False),
         ]
 
     async def close(self) -> None:
         """Stop the loops, flush usage one last time, revoke the lease (its records vanish)."""
-        for t in self._tasks:
-            t.cancel()
-        for t in self._tasks:
-            with contextlib.suppress(asyncio.CancelledError):
-                await t
+        for loop in self._loops:
+            await loop.stop()
         try:
             await asyncio.wait_for(self.flush_usage(), 3.0)
         except (StoreError, TimeoutError) as exc:
             log.warning("final usage flush failed", error=str(exc))
         await self.session.close()
 
-    async def _every(self, interval: float, step: Callable[[], object]) -> None:
-        while True:
-            await asyncio.sleep(interval)
+    def _guarded(self, step: Callable[[], Awaitable[None]]) -> Callable[[], Awaitable[None]]:
+        """``step``, telling the lease session when etcd says our lease is gone."""
+        async def run() -> None:
             try:
-                await step()  # type: ignore[misc]
+                await step()
             except LeaseLost:
                 self.session.mark_lost()
-            except StoreError as exc:
-                log.warning("periodic etcd write failed; retrying next tick", step=getattr(step, "__name__", ""),
-                            error=str(exc))
-            except Exception:  # a bug in one tick must not stop the loop
-                log.exception("periodic step failed", step=getattr(step, "__name__", ""))
+                raise
+        run.__name__ = getattr(step, "__name__", "step")
+        return run
 
     # -- registration and fleet size ---------------------------------------------------------
 
@@ -106,21 +107,12 @@ class FleetMember:
         self._published.clear()  # demand keys died with the old lease; republish on the next tick
         log.info("gateway registered", gateway_id=self.gateway_id, lease=hex(lease_id))
 
-    async def _watch_members(self) -> None:
-        async for update in watch_prefix(self.store, self.keys.gateways):
-            if isinstance(update, Resync):
-                self._members = set(update.items)
-            elif isinstance(update, Changes):
-                for change in update.changes:
-                    if change.kv is None:
-                        self._members.discard(change.key)
-                    else:
-                        self._members.add(change.key)
-            size = max(1, len(self._members))
-            if size != self.size:
-                log.info("fleet size changed", gateways=size, was=self.size)
-                self.size = size
-                self.on_size(size)
+    def _on_members(self, _: CacheEvent[GatewayRecord]) -> None:
+        size = max(1, len(self.members.items) + len(self.members.bad_keys))  # a bad record is still a gateway
+        if size != self.size:
+            log.info("fleet size changed", gateways=size, was=self.size)
+            self.size = size
+            self.on_size(size)
 
     # -- periodic writes ---------------------------------------------------------------------
 

@@ -33,6 +33,9 @@ need no put: they existed at R and the guards above ensure they still do.
 
 etcd refuses transactions with more than ``--max-txn-ops`` (default 128) compares or operations;
 ``apply_plan`` checks first and says so (cap changes with ``ctl planner run --max-churn``).
+The planner daemon never sends such a plan: ``fit_transaction`` trims a plan file to one
+transaction (STOPs first, and among them the ones the caller names first; no START while any
+STOP is deferred, because a START may need a STOP's GPUs) and the rest waits for later rounds.
 """
 
 from __future__ import annotations
@@ -245,6 +248,57 @@ def _guards(keys: Keys, records: LiveRecords, actions: Sequence[PlannedAction]
     read["plans/current"] = PrefixRead(keys=int(keys.current_plan in mods), max_mod_revision=mods.get(
         keys.current_plan, 0))
     return guards, read
+
+
+def txn_size(pf: PlanFile, extra_compares: int = 0) -> tuple[int, int]:
+    """(operations, compares) of applying ``pf``: one op per START/STOP plus the plan record."""
+    return len(pf.changes) + 1, len(pf.guards) + extra_compares
+
+
+def fit_transaction(pf: PlanFile, *, max_ops: int = MAX_TXN_OPS, extra_compares: int = 0,
+                    first: Callable[[PlannedAction], bool] = lambda _: False) -> PlanFile:
+    """``pf`` trimmed so that applying it is one etcd transaction of at most ``max_ops`` operations
+    and compares (``extra_compares``: the caller's fence). Unchanged when it fits.
+
+    STOPs go before STARTs, and STOPs for which ``first`` is true (forced: node gone, draining…)
+    before the others. A deferred STOP stays a KEEP (its desired key is left alone this round);
+    while any STOP is deferred no START is applied, since a START may reuse a STOP's GPUs. STARTs
+    are taken in plan order while their model and node guards fit. Guards of dropped STARTs go.
+    """
+    ops, compares = txn_size(pf, extra_compares)
+    if ops <= max_ops and compares <= max_ops:
+        return pf
+    keys = Keys(pf.etcd_prefix or "/modelpool")
+    stops = sorted((a for a in pf.actions if a.kind is ActionKind.STOP), key=lambda a: not first(a))
+    starts = [a for a in pf.actions if a.kind is ActionKind.START]
+    base = [g for g in pf.guards if g.prefix or g.key == keys.current_plan]
+    room = max_ops - 1
+    kept_stops = {a.assignment_id for a in stops[:room]}
+    kept_starts: list[PlannedAction] = []
+    guard_keys: set[str] = set()
+    if len(stops) <= room:
+        by_key = {g.key: g for g in pf.guards}
+        for a in starts:
+            need = {k for k in (keys.model(a.model), keys.node(a.node_id)) if k in by_key} - guard_keys
+            if (len(kept_stops) + len(kept_starts) + 1 >= max_ops
+                    or len(base) + len(guard_keys) + len(need) + extra_compares > max_ops):
+                break
+            kept_starts.append(a)
+            guard_keys |= need
+    kept_start_ids = {id(a) for a in kept_starts}
+    actions: list[PlannedAction] = []
+    for a in pf.actions:
+        if a.kind is ActionKind.STOP and a.assignment_id not in kept_stops:
+            actions.append(a.model_copy(update={"kind": ActionKind.KEEP}))
+        elif a.kind is not ActionKind.START or id(a) in kept_start_ids:
+            actions.append(a)
+    guards = [*base, *(g for g in pf.guards if g.key in guard_keys)]
+    deferred = len(pf.changes) - len(kept_stops) - len(kept_starts)
+    summary = {**pf.summary, "counts": dict(Counter(a.kind.value for a in actions)), "deferred_changes": deferred}
+    note = (f"{deferred} of {len(pf.changes)} changes deferred to later rounds: one etcd transaction holds at "
+            f"most {max_ops} operations and compares")
+    return pf.model_copy(update={"actions": tuple(actions), "guards": tuple(guards), "summary": summary,
+                                 "warnings": (*pf.warnings, note)})
 
 
 async def plan_from_etcd(store: EtcdStore, keys: Keys, cluster: ClusterConfig, now: float, *,

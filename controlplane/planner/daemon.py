@@ -3,7 +3,17 @@
     LeaseSession (TTL) ──▶ campaign: txn[leader key absent] put(identity, lease) ──▶ Fence(create_rev, identity)
           │ lost ──▶ fence dropped                                                  │
           ▼                                                                         ▼
-    every interval: plan_from_etcd ─▶ limit_churn ─▶ apply_plan(fence) ─▶ sleep   (errors: log, back off)
+    every interval: plan_from_etcd ─▶ limit_churn ─▶ fit_transaction ─▶ apply_plan(fence) ─▶ sleep
+
+The loop is a supervised periodic loop (controlplane/loops.py): any exception is a failed step,
+logged and retried with backoff; nothing ends it but `stop`.
+
+One etcd transaction holds at most ``--max-txn-ops`` (128 by default) operations and as many
+compares. A plan larger than that would fail every round forever, so each round applies what
+fits: the churn cap is lowered to what one transaction can hold (forced STOPs count against it
+first), and ``fit_transaction`` trims the plan file as the last guarantee (STOPs first, forced
+ones first; no START while any STOP waits, since a START may reuse a STOP's GPUs). The rest
+follows in the next rounds: the plan is recomputed from what etcd then holds.
 
 Winning once does not make a leader safe (controlplane/leader.py, shared with `ctl harvest run`):
 every apply also compares the leader key's create revision and value with ours, so a deposed
@@ -25,7 +35,6 @@ is rebuilt with `build_plan`, so it is a consistent plan with its own cost and c
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import heapq
 import time
 from collections import Counter, defaultdict
@@ -36,10 +45,17 @@ import structlog
 
 from controlplane.keys import Keys
 from controlplane.leader import Fence, Leadership, wait_lease
-from controlplane.planner.apply import ApplyError, StalePlan, apply_plan, plan_from_etcd
+from controlplane.loops import Backoff, Supervisor
+from controlplane.planner.apply import (
+    MAX_TXN_OPS,
+    StalePlan,
+    apply_plan,
+    fit_transaction,
+    plan_from_etcd,
+)
 from controlplane.planner.diff import Action, ActionKind, Plan, PlanningError, ReplicaKey, build_plan, keepable
 from controlplane.planner.live import ClusterConfig
-from controlplane.planner.snapshot import RunningReplica, Snapshot, SnapshotError
+from controlplane.planner.snapshot import RunningReplica, Snapshot
 from controlplane.store import EtcdStore, LeaseSession, StoreError
 
 log = structlog.get_logger(__name__)
@@ -72,14 +88,43 @@ def _moves(changes: Sequence[Action]) -> list[list[Action]]:
     return list(groups.values())
 
 
-def limit_churn(snapshot: Snapshot, now: float, plan: Plan, max_churn: int) -> Plan:
-    """`plan` with at most `max_churn` optional changes, the most valuable first (module docstring)."""
+def forced_stops(snapshot: Snapshot, plan: Plan) -> set[str]:
+    """Replica ids of the plan's STOPs that are not optional (node gone or draining, model removed,
+    replica no longer fits): keeping those replicas is never an option."""
     nodes = {n.node_id: n for n in snapshot.nodes}
     reps: dict[str, RunningReplica] = {r.replica_id: r for r in snapshot.current if r.replica_id}
+    out = set()
+    for a in plan.changes:
+        rep = reps.get(a.replica_id)
+        if a.kind is ActionKind.STOP and (rep is None or not keepable(snapshot, nodes.get(a.node_id), rep)):
+            out.add(a.replica_id)
+    return out
+
+
+#: compares of every apply besides the per-START guards: plans/current, desired/, models/, the fence (2)
+BASE_COMPARES = 5
+
+
+def txn_churn_cap(snapshot: Snapshot, plan: Plan, max_churn: int, max_ops: int = MAX_TXN_OPS) -> int | None:
+    """The churn cap one transaction allows after the forced STOPs (None: the plan fits as it is;
+    0: not even the forced STOPs fit, so only those go, capped, by ``fit_transaction``)."""
+    forced = forced_stops(snapshot, plan)
+    optional = len(plan.changes) - len(forced)
+    # ops: every change + the plan record; compares: each START may add a model and a node guard
+    room = min(max_ops - 1 - len(forced), (max_ops - BASE_COMPARES) // 2)
+    if len(plan.changes) + 1 <= max_ops and BASE_COMPARES + 2 * optional <= max_ops and (
+            max_churn <= 0 or optional <= max_churn):
+        return None
+    cap = max(0, room)
+    return min(cap, max_churn) if max_churn > 0 else cap
+
+
+def limit_churn(snapshot: Snapshot, now: float, plan: Plan, max_churn: int) -> Plan:
+    """`plan` with at most `max_churn` optional changes, the most valuable first (module docstring)."""
+    forced_ids = forced_stops(snapshot, plan)
 
     def forced(a: Action) -> bool:
-        rep = reps.get(a.replica_id)
-        return a.kind is ActionKind.STOP and (rep is None or not keepable(snapshot, nodes.get(a.node_id), rep))
+        return a.kind is ActionKind.STOP and a.replica_id in forced_ids
 
     optional = [a for a in plan.changes if not forced(a)]
     if max_churn <= 0 or len(optional) <= max_churn:
@@ -209,21 +254,33 @@ class PlannerDaemon:
         """Re-read the leader key; drop leadership when it is no longer ours."""
         return await self.leadership.still_leader()
 
+    def _cap(self, snapshot: Snapshot, now: float, plan: Plan) -> Plan:
+        """The churn cap of the round: --max-churn, lowered to what one transaction holds."""
+        cap = txn_churn_cap(snapshot, plan, self.config.max_churn)
+        if cap is None or cap == 0:
+            return plan  # fits; or only forced STOPs fit: fit_transaction takes those
+        try:
+            return limit_churn(snapshot, now, plan, cap)
+        except PlanningError as exc:  # cannot rank moves: fit_transaction still keeps the apply valid
+            log.warning("cannot cap churn; trimming the plan to one transaction instead", error=str(exc))
+            return plan
+
     async def round(self) -> None:
-        """One planning round as leader: plan, cap churn, apply fenced by leadership."""
+        """One planning round as leader: plan, cap churn, fit one transaction, apply fenced by leadership."""
         cfg = self.config
         now = self.clock()
         self.stats.rounds += 1
-        live = await plan_from_etcd(
-            self.store, self.keys, cfg.cluster, now, time_limit_s=cfg.time_limit_s,
-            demand_override=cfg.demand_override,
-            snapshot_hook=(lambda s, p: limit_churn(s, now, p, cfg.max_churn)) if cfg.max_churn else None)
-        pf = live.plan_file
-        if not pf.changes:
-            log.debug("plan has no changes", revision=pf.computed_at_revision)
+        live = await plan_from_etcd(self.store, self.keys, cfg.cluster, now, time_limit_s=cfg.time_limit_s,
+                                    demand_override=cfg.demand_override,
+                                    snapshot_hook=lambda s, p: self._cap(s, now, p))
+        if not live.plan_file.changes:
+            log.debug("plan has no changes", revision=live.plan_file.computed_at_revision)
             return
         if self.fence is None:
             return
+        forced = forced_stops(live.assembly.snapshot, live.plan) | {a.assignment_id for a in live.assembly.invalid}
+        pf = fit_transaction(live.plan_file, extra_compares=len(self.fence.cmps()),
+                             first=lambda a: a.assignment_id in forced)
         result = await apply_plan(self.store, self.keys, pf, cfg.identity, fence=self.fence)
         self.stats.applied += 1
         self.stats.applied_plan_ids.append(pf.plan_id)
@@ -231,39 +288,38 @@ class PlannerDaemon:
                  stopped=result.stopped, kept=result.kept, cost_per_hour=pf.summary.get("cost_per_hour"),
                  solver=pf.summary.get("status"), notes=list(pf.warnings))
 
+    async def step(self) -> float | None:
+        """One pass of the loop: campaign while follower, plan while leader. Returns the next delay."""
+        cfg = self.config
+        try:
+            lease = await self._wait_lease()
+            if lease == 0:
+                return 0.0   # _wait_lease waited a second already
+            if self.fence is None and not await self.campaign(lease):
+                return min(cfg.interval_s, cfg.lease_ttl / 3)
+            if await self.still_leader():
+                await self.round()
+            return None
+        except StalePlan as exc:
+            self.stats.stale += 1
+            log.info("plan was stale; replanning", reason=str(exc))
+            if not await self._safe_still_leader():
+                return 0.0
+            raise   # the runner retries after a (short, jittered) backoff
+        except Exception as exc:  # the runner logs it and backs off; the stats say it happened
+            self.stats.errors += 1
+            self.stats.last_error = str(exc) or type(exc).__name__
+            raise
+
     async def run(self) -> None:
-        """Until `stop`: campaign while follower, plan while leader; errors back off, never end the loop."""
+        """Until `stop`: the supervised loop ``planner`` (campaign, plan, apply); never ends on errors."""
         cfg = self.config
         self.session.start()
-        backoff = 0.5
         try:
-            while not self._stop.is_set():
-                delay = cfg.interval_s
-                try:
-                    lease = await self._wait_lease()
-                    if lease == 0:
-                        continue
-                    if self.fence is None and not await self.campaign(lease):
-                        delay = min(cfg.interval_s, cfg.lease_ttl / 3)
-                    elif await self.still_leader():
-                        await self.round()
-                    backoff = 0.5
-                except StalePlan as exc:
-                    self.stats.stale += 1
-                    log.info("plan was stale; replanning", reason=str(exc))
-                    if not await self._safe_still_leader():
-                        continue
-                    delay = min(backoff, cfg.interval_s)
-                    backoff = min(backoff * 2, cfg.max_backoff_s)
-                except (StoreError, SnapshotError, PlanningError, ApplyError) as exc:
-                    self.stats.errors += 1
-                    self.stats.last_error = str(exc)
-                    log.warning("planning round failed; retrying", error=str(exc), error_type=type(exc).__name__,
-                                retry_in=backoff)
-                    delay = backoff
-                    backoff = min(backoff * 2, cfg.max_backoff_s)
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._stop.wait(), delay)
+            async with Supervisor() as loops:
+                loops.periodic("planner", self.step, interval_s=cfg.interval_s,
+                               backoff=Backoff(base_s=0.5, max_s=cfg.max_backoff_s))
+                await self._stop.wait()
         finally:
             self.leadership.fence = None
             await self.session.close(revoke=True)

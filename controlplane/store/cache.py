@@ -86,6 +86,46 @@ def proto_decoder(message_type: type[M]) -> Callable[[KeyValue], M]:
     return decode
 
 
+def to_event(update: Resync | Changes, decode: Callable[[KeyValue], T], *, name: str = "") -> CacheEvent[T]:
+    """Decode one watch update into a typed event (pure: the cache and tests use it alike).
+
+    Changes are folded per key (the last event of a key in the batch wins). A value that does not
+    decode is logged and named in ``bad``, never fatal.
+    """
+
+    def one(kv: KeyValue) -> T | None:
+        try:
+            return decode(kv)
+        except ValueError as exc:  # RecordError, protobuf's DecodeError, a decoder's own check
+            log.warning("skipping bad record", cache=name, key=kv.key, error=str(exc))
+            return None
+
+    if isinstance(update, Resync):
+        items: dict[str, T] = {}
+        bad: set[str] = set()
+        for key, kv in update.items.items():
+            rec = one(kv)
+            if rec is None:
+                bad.add(key)
+            else:
+                items[key] = rec
+        return Replaced(items, frozenset(bad), update.revision)
+    folded: dict[str, KeyValue | None] = {c.key: c.kv for c in update.changes}
+    upserts: dict[str, T] = {}
+    deletes: set[str] = set()
+    bad = set()
+    for key, value in folded.items():
+        if value is None:
+            deletes.add(key)
+            continue
+        rec = one(value)
+        if rec is None:
+            bad.add(key)
+        else:
+            upserts[key] = rec
+    return Delta(upserts, frozenset(deletes), frozenset(bad), update.revision)
+
+
 class HandlerFailed(StoreError):
     """A handler raised: the cache relists so the handlers' derived state is rebuilt whole."""
 
@@ -166,54 +206,33 @@ class WatchedCache(Generic[T]):
                 self._patch(update)
             progress()
 
-    def _decode(self, kv: KeyValue) -> T | None:
-        try:
-            return self.decode(kv)
-        except ValueError as exc:  # RecordError, protobuf's DecodeError, a decoder's own check
-            self.bad_records_total += 1
-            log.warning("skipping bad record", cache=self.name, key=kv.key, error=str(exc))
-            return None
-
     def _replace(self, update: Resync) -> None:
-        items: dict[str, T] = {}
-        bad: set[str] = set()
-        for key, kv in update.items.items():
-            rec = self._decode(kv)
-            if rec is None:
-                bad.add(key)
-            else:
-                items[key] = rec
-        self._items, self._bad, self.revision = items, bad, update.revision
+        event = to_event(update, self.decode, name=self.name)
+        assert isinstance(event, Replaced)  # a Resync always gives a Replaced
+        self.bad_records_total += len(event.bad)
+        self._items, self._bad, self.revision = dict(event.items), set(event.bad), event.revision
         self.lists += 1
         first = not self.loaded
         self._loaded.set()
-        log.info("cache listed", cache=self.name, records=len(items), bad=len(bad), revision=update.revision,
-                 first=first)
-        self._notify(Replaced(dict(items), frozenset(bad), update.revision))
+        log.info("cache listed", cache=self.name, records=len(self._items), bad=len(self._bad),
+                 revision=event.revision, first=first)
+        self._notify(event)
 
     def _patch(self, update: Changes) -> None:
-        folded: dict[str, KeyValue | None] = {}
-        for change in update.changes:
-            folded[change.key] = change.kv
-        upserts: dict[str, T] = {}
-        deletes: set[str] = set()
-        bad: set[str] = set()
-        for key, kv in folded.items():
-            rec = None if kv is None else self._decode(kv)
-            if rec is not None:
-                self._items[key] = rec
-                self._bad.discard(key)
-                upserts[key] = rec
-                continue
+        event = to_event(update, self.decode, name=self.name)
+        assert isinstance(event, Delta)  # Changes always give a Delta
+        self.bad_records_total += len(event.bad)
+        for key, rec in event.upserts.items():
+            self._items[key] = rec
+            self._bad.discard(key)
+        for key in event.deletes:
             self._items.pop(key, None)
-            if kv is None:
-                self._bad.discard(key)
-                deletes.add(key)
-            else:
-                self._bad.add(key)
-                bad.add(key)
-        self.revision = update.revision
-        self._notify(Delta(upserts, frozenset(deletes), frozenset(bad), update.revision))
+            self._bad.discard(key)
+        for key in event.bad:
+            self._items.pop(key, None)
+            self._bad.add(key)
+        self.revision = event.revision
+        self._notify(event)
 
     def _notify(self, event: CacheEvent[T]) -> None:
         for handler in self._handlers:

@@ -280,6 +280,21 @@ class EtcdStore:
         except (EtcdError, grpc.aio.AioRpcError, TimeoutError) as exc:
             raise _translate(exc, "compact") from exc
 
+    async def probe(self, timeout: float = 2.0) -> int:
+        """A linearizable read that must answer within ``timeout`` (the whole call, retries
+        included); returns the store revision. StoreUnavailable when etcd does not answer in time:
+        a hung etcd (stopped, partitioned, without quorum) shows here within ``timeout``, while a
+        gRPC stream on it may stay silent for minutes."""
+        try:
+            resp = await asyncio.wait_for(
+                self.client.kv.get(self.prefix + "/", count_only=True, timeout=timeout),  # type: ignore[union-attr]
+                timeout)
+        except TimeoutError as exc:
+            raise StoreUnavailable(f"etcd did not answer a read within {timeout}s") from exc
+        except (EtcdError, grpc.aio.AioRpcError) as exc:
+            raise _translate(exc, "probe") from exc
+        return int(resp.header.revision)
+
     async def ping(self, timeout: float = 2.0) -> bool:
         """True when etcd answers a read within ``timeout``."""
         try:

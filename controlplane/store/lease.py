@@ -164,8 +164,10 @@ class LeaseSession:
             # Failing: retry fast while time is left. Healthy: renew at TTL/3 with jitter (never later).
             delay = min(0.5, remaining / 4) if failing else ttl / 3 * (1 - 0.25 * self._rng())
             lost_wait = asyncio.create_task(self._lost_now.wait())
-            done, _ = await asyncio.wait({lost_wait}, timeout=max(0.05, min(delay, remaining)))
-            lost_wait.cancel()
+            try:
+                done, _ = await asyncio.wait({lost_wait}, timeout=max(0.05, min(delay, remaining)))
+            finally:  # also when close() cancels us here: no waiter task left behind
+                lost_wait.cancel()
             if done:
                 return
             if self.expires_at - self._clock() <= 0:

@@ -27,8 +27,11 @@ from controlplane.cli.models import catalog_txn, diff_catalog, read_catalog
 from controlplane.keys import Keys, decode
 from controlplane.pb import ApiKey, ModelSpec
 from controlplane.store import EtcdConfig, EtcdStore, Resync, TxnConflict
+from controlplane.store.cache import proto_decoder, to_event
 from gateway.auth import KeyTable, key_hash
 from gateway.errors import Unauthorized
+
+KEYS = proto_decoder(ApiKey)  # what the gateway's cache decodes with
 
 REPO = Path(__file__).resolve().parents[2]
 NOW = 1_800_000_000.0  # 2027-01-15T08:00:00Z
@@ -73,7 +76,7 @@ async def test_create_stores_only_the_hash_and_the_gateway_accepts_the_key(
 
     # the gateway's own table, fed what etcd holds, authenticates the printed key
     table = KeyTable()
-    table.apply(Resync({kv.key: kv for kv in kvs}, 0))
+    table.apply(to_event(Resync({kv.key: kv for kv in kvs}, 0), KEYS))
     assert table.authenticate(f"Bearer {key}").owner == "alice"
 
     # revoke flips it, and the gateway then refuses the key
@@ -83,7 +86,7 @@ async def test_create_stores_only_the_hash_and_the_gateway_accepts_the_key(
     kv = await store.get(Keys(etcd_config.prefix).api_key(digest))
     assert kv is not None and decode(ApiKey, kv).revoked
     assert decode(ApiKey, kv).owner == "alice"  # everything else kept
-    table.apply(Resync({kv.key: kv}, 0))
+    table.apply(to_event(Resync({kv.key: kv}, 0), KEYS))
     with pytest.raises(Unauthorized, match="revoked"):
         table.authenticate(f"Bearer {key}")
 

@@ -233,7 +233,8 @@ async def test_fail_static_when_etcd_goes_away(tmp_path: Path, world, http) -> N
 
         async def degraded() -> bool:
             async with http.get(f"{gw}/readyz") as r:
-                return (await r.json())["status"] == "degraded"
+                body = await r.json()
+                return r.status == 200 and body["status"] == "degraded" and body["etcd"] == "unreachable"
 
         await eventually(degraded, timeout=20, what="readyz degraded")
         async with http.post(f"{gw}/v1/chat/completions", json=chat("shared")) as r:

@@ -14,6 +14,7 @@ from multidict import CIMultiDict
 from agent.supervisor import parse_in_flight
 from controlplane.pb import ApiKey, InstanceRecord, InstanceState
 from controlplane.store import Change, Changes, KeyValue, Resync
+from controlplane.store.cache import proto_decoder, to_event
 from gateway.auth import ANONYMOUS, KeyTable, Principal, check_model_access, key_hash, new_api_key
 from gateway.ejection import Ejections
 from gateway.errors import BadRequest, Forbidden, Unauthorized
@@ -21,6 +22,9 @@ from gateway.proxy import parse_model, response_headers, upstream_headers
 from gateway.routing import pick
 from gateway.server import Request
 from gateway.table import Endpoint, RoutingTable
+
+INST = proto_decoder(InstanceRecord)  # what the gateway's cache decodes with
+KEYS = proto_decoder(ApiKey)  # what the gateway's cache decodes with
 
 READY, STARTING, DRAINING, FAILED = (InstanceState.READY, InstanceState.STARTING, InstanceState.DRAINING,
                                      InstanceState.FAILED)
@@ -154,31 +158,33 @@ def resync(*kvs: KeyValue, revision: int = 10) -> Resync:
 def test_resync_replaces_everything() -> None:
     table = RoutingTable()
     assert not table.loaded and table.models() == []
-    table.apply(resync(instance_kv("a1", "alpha"), instance_kv("a2", "alpha"), instance_kv("b1", "beta")))
+    table.apply(to_event(resync(instance_kv("a1", "alpha"), instance_kv("a2", "alpha"), instance_kv("b1", "beta")),
+                         INST))
     assert table.loaded and table.revision == 10 and len(table) == 3
     assert [e.instance_id for e in table.ready("alpha")] == ["a1", "a2"]
-    table.apply(resync(instance_kv("c1", "gamma"), revision=20))
+    table.apply(to_event(resync(instance_kv("c1", "gamma"), revision=20), INST))
     assert table.revision == 20 and len(table) == 1
-    assert table.models() == ["gamma"] and table.ready("alpha") == () and not table.known("alpha")
+    assert table.models() == ["gamma"] and table.ready("alpha") == ()
+    assert table.known("alpha")  # recently seen: unavailable (503), not unknown (tests/unit/test_table_outage.py)
 
 
 def test_changes_patch_and_delete() -> None:
     table = RoutingTable()
     a1, a2 = instance_kv("a1"), instance_kv("a2")
-    table.apply(resync(a1, a2))
-    table.apply(Changes((Change(a1.key, instance_kv("a1", state=DRAINING)),), 11))
+    table.apply(to_event(resync(a1, a2), INST))
+    table.apply(to_event(Changes((Change(a1.key, instance_kv("a1", state=DRAINING)),), 11), INST))
     assert [e.instance_id for e in table.ready("m")] == ["a2"]
     assert table.known("m") and len(table) == 2 and table.revision == 11
-    table.apply(Changes((Change(a2.key, None), Change("/p/instances/m/never-existed", None)), 12))
+    table.apply(to_event(Changes((Change(a2.key, None), Change("/p/instances/m/never-existed", None)), 12), INST))
     assert table.ready("m") == () and table.models() == [] and len(table) == 1
-    table.apply(Changes((Change(a1.key, instance_kv("a1", state=READY)),), 13))
+    table.apply(to_event(Changes((Change(a1.key, instance_kv("a1", state=READY)),), 13), INST))
     assert [e.instance_id for e in table.ready("m")] == ["a1"]
 
 
 def test_only_ready_is_routable() -> None:
     table = RoutingTable()
     states = (STARTING, READY, DRAINING, FAILED, InstanceState.INSTANCE_STATE_UNSPECIFIED)
-    table.apply(resync(*(instance_kv(f"i{s}", state=s) for s in states)))
+    table.apply(to_event(resync(*(instance_kv(f"i{s}", state=s) for s in states)), INST))
     assert [e.instance_id for e in table.ready("m")] == [f"i{READY}"]
     assert len(table.all()) == 5
     assert all(e.ready == (e.state == READY) for e in table.all())
@@ -189,20 +195,21 @@ def test_undecodable_and_incomplete_records_are_skipped() -> None:
     good = instance_kv("good")
     garbage = KeyValue("/p/instances/m/bad", b"\xff\xff\xff", 1, 1, 1, 0)
     no_endpoint = instance_kv("noep", endpoint_url="")
-    table.apply(resync(good, garbage, no_endpoint))
+    table.apply(to_event(resync(good, garbage, no_endpoint), INST))
     assert [e.instance_id for e in table.all()] == ["good"]
     # A record that turns into garbage is dropped, not kept stale.
-    table.apply(Changes((Change(good.key, KeyValue(good.key, b"\x0f", 2, 2, 2, 0)),), 11))
+    table.apply(to_event(Changes((Change(good.key, KeyValue(good.key, b"\x0f", 2, 2, 2, 0)),), 11), INST))
     assert len(table) == 0 and table.ready("m") == ()
 
 
 def test_models_sorted_and_endpoint_view() -> None:
     table = RoutingTable()
-    table.apply(resync(*(instance_kv(f"x{m}", m) for m in ("zeta", "alpha", "mu")),
-                       instance_kv("y", "omega", state=STARTING)))
+    table.apply(to_event(resync(*(instance_kv(f"x{m}", m) for m in ("zeta", "alpha", "mu")),
+                       instance_kv("y", "omega", state=STARTING)), INST))
     assert table.models() == ["alpha", "mu", "zeta"]
     assert table.known("omega") and not table.ready("omega")
-    table.apply(resync(instance_kv("w", "m", endpoint_url="http://h:9/", weight=2.5), instance_kv("z", "m")))
+    table.apply(to_event(resync(instance_kv("w", "m", endpoint_url="http://h:9/", weight=2.5), instance_kv("z", "m")),
+                         INST))
     by_id = {e.instance_id: e for e in table.all()}
     assert by_id["w"].url == "http://h:9" and by_id["w"].weight == 2.5
     assert by_id["z"].weight == 1.0  # 0 in the record means "treat as 1"
@@ -216,15 +223,15 @@ ops = st.lists(st.tuples(st.sampled_from(["a", "b", "c", "d"]), st.sampled_from(
 def test_table_matches_a_model_of_the_records(ops: list[tuple[str, str, InstanceState | None]]) -> None:
     """Any sequence of puts/deletes: ready sets equal READY records, grouped by model, sorted."""
     table = RoutingTable()
-    table.apply(Resync({}, 1))
+    table.apply(to_event(Resync({}, 1), INST))
     expected: dict[str, tuple[str, InstanceState]] = {}  # key -> (model, state)
     for rev, (iid, model, state) in enumerate(ops, start=2):
         key = f"/p/instances/{iid}"
         if state is None:
-            table.apply(Changes((Change(key, None),), rev))
+            table.apply(to_event(Changes((Change(key, None),), rev), INST))
             expected.pop(key, None)
         else:
-            table.apply(Changes((Change(key, instance_kv(iid, model, state)),), rev))
+            table.apply(to_event(Changes((Change(key, instance_kv(iid, model, state)),), rev), INST))
             expected[key] = (model, state)
     want: dict[str, list[str]] = {}
     for key, (model, state) in sorted(expected.items()):
@@ -323,7 +330,7 @@ def keys() -> dict[str, str]:
 @pytest.fixture
 def table(keys: dict[str, str]) -> KeyTable:
     t = KeyTable()
-    t.apply(Resync({kv.key: kv for kv in (
+    t.apply(to_event(Resync({kv.key: kv for kv in (
         key_kv(keys["good"], key_id="good-id", owner="alice"),
         key_kv(keys["revoked"], revoked=True),
         key_kv(keys["expired"], expires_unix=NOW),
@@ -331,7 +338,7 @@ def table(keys: dict[str, str]) -> KeyTable:
         key_kv(keys["limited"], allowed_models=["m1", "m2"]),
         key_kv(keys["admin"], allowed_models=["m1"], admin=True),
         KeyValue(f"/p/keys/{key_hash(keys['bad'])}", b"\xff\xff", 1, 1, 1, 0),
-    )}, 5))
+    )}, 5), KEYS))
     return t
 
 
@@ -380,14 +387,14 @@ def test_authenticate_good_key(table: KeyTable, keys: dict[str, str]) -> None:
 
 def test_key_changes_apply(table: KeyTable, keys: dict[str, str]) -> None:
     good_key = f"/p/keys/{key_hash(keys['good'])}"
-    table.apply(Changes((Change(good_key, key_kv(keys["good"], revoked=True)),), 6))
+    table.apply(to_event(Changes((Change(good_key, key_kv(keys["good"], revoked=True)),), 6), KEYS))
     with pytest.raises(Unauthorized, match="revoked"):
         table.authenticate(f"Bearer {keys['good']}", now=NOW)
-    table.apply(Changes((Change(good_key, None),), 7))
+    table.apply(to_event(Changes((Change(good_key, None),), 7), KEYS))
     with pytest.raises(Unauthorized, match="invalid"):
         table.authenticate(f"Bearer {keys['good']}", now=NOW)
     fresh = new_api_key()
-    table.apply(Changes((Change(f"/p/keys/{key_hash(fresh)}", key_kv(fresh, key_id="fresh")),), 8))
+    table.apply(to_event(Changes((Change(f"/p/keys/{key_hash(fresh)}", key_kv(fresh, key_id="fresh")),), 8), KEYS))
     assert table.authenticate(f"Bearer {fresh}", now=NOW).key_id == "fresh"
 
 

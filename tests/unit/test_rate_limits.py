@@ -10,11 +10,14 @@ from hypothesis import strategies as st
 from controlplane.keys import Keys
 from controlplane.pb import ApiKey, ModelAccess, ModelSpec, Usage
 from controlplane.store import Change, Changes, KeyValue, Resync
+from controlplane.store.cache import proto_decoder, to_event
 from gateway.auth import ANONYMOUS, ModelAccessTable, Principal, check_model_access
 from gateway.errors import Forbidden, ModelNotFound, RateLimited, error_body
 from gateway.limits import REQUESTS, TOKENS, RateLimiter, TokenBucket, format_duration, share
 from gateway.sse import TokenUsage
 from gateway.usage import DemandMeter, UsageBook
+
+SPECS = proto_decoder(ModelSpec)  # what the gateway's cache decodes with
 
 
 def key(rpm: int = 0, tpm: int = 0, kid: str = "k1") -> ApiKey:
@@ -212,8 +215,8 @@ def test_private_models_visible_only_to_allowed_owners_and_admins() -> None:
     table = ModelAccessTable()
     private = ModelSpec(name="org/secret", access=ModelAccess(public=False, allowed_owners=["ann"]))
     legacy = ModelSpec(name="old")                    # no access field: public
-    table.apply(Resync({keys.model("org/secret"): _kv(keys.model("org/secret"), private),
-                        keys.model("old"): _kv(keys.model("old"), legacy)}, 1))
+    table.apply(to_event(Resync({keys.model("org/secret"): _kv(keys.model("org/secret"), private),
+                        keys.model("old"): _kv(keys.model("old"), legacy)}, 1), SPECS))
     ann = Principal("a", "ann", ApiKey(key_id="a", owner="ann"))
     bob = Principal("b", "bob", ApiKey(key_id="b", owner="bob"))
     admin = Principal("c", "root", ApiKey(key_id="c", owner="root", admin=True))
@@ -229,14 +232,14 @@ def test_private_models_visible_only_to_allowed_owners_and_admins() -> None:
         check_model_access(limited, "org/secret", table)
     # made public, then deleted
     public = ModelSpec(name="org/secret", access=ModelAccess(public=True))
-    table.apply(Changes((Change(keys.model("org/secret"), _kv(keys.model("org/secret"), public)),), 2))
+    table.apply(to_event(Changes((Change(keys.model("org/secret"), _kv(keys.model("org/secret"), public)),), 2), SPECS))
     assert table.visible(bob, "org/secret")
-    table.apply(Changes((Change(keys.model("old"), None),), 3))
+    table.apply(to_event(Changes((Change(keys.model("old"), None),), 3), SPECS))
     assert not table.in_catalog("old")
 
 
 def test_undecodable_model_record_fails_closed() -> None:
     table = ModelAccessTable()
-    table.apply(Resync({"/p/models/bad": _kv("/p/models/bad", b"\xff\xff\xff")}, 1))
+    table.apply(to_event(Resync({"/p/models/bad": _kv("/p/models/bad", b"\xff\xff\xff")}, 1), SPECS))
     assert not table.visible(Principal("b", "bob", ApiKey(key_id="b", owner="bob")), "bad")
     assert table.private_models() == ["bad"]
