@@ -38,7 +38,7 @@ from controlplane.harvest.model import HarvestPlan, HarvestSettings, SlurmView, 
 from controlplane.harvest.slurm import Slurm
 from controlplane.keys import Keys
 from controlplane.leader import Leadership, wait_lease
-from controlplane.loops import Backoff, Supervisor
+from controlplane.loops import EXPECTED_ERRORS, Backoff, Supervisor
 from controlplane.pb import HarvestJob, HarvestJobState, HarvestStatus, NodeControl
 from controlplane.planner.live import ClusterConfig
 from controlplane.store import EtcdStore, LeaseSession, Op, StoreError
@@ -151,7 +151,8 @@ class HarvestDaemon:
         """Until `stop`: the supervised periodic step (never ends on an error)."""
         st = self.config.settings
         self.session.start()
-        supervisor = Supervisor()
+        # Slurm failing is expected (a busy controller, an outage): one warning line, not a traceback
+        supervisor = Supervisor(expected_errors=(*EXPECTED_ERRORS, SlurmCommandError))
         supervisor.periodic("harvest", self.step, interval_s=st.interval_s,
                             timeout_s=max(60.0, 3 * st.interval_s), backoff=Backoff(0.5, min(30.0, st.interval_s)))
         try:
