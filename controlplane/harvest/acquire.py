@@ -14,11 +14,12 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from controlplane.harvest.model import HarvestSettings, Submit
 from controlplane.harvest.slurm import SlurmNode
 from controlplane.pb import HarvestJob, HarvestJobState
+from controlplane.planner.obtainable import AcquiredJob, ObtainableClass, ObtainableSpec
 from controlplane.planner.snapshot import (
     GpuInfo,
     NodeInfo,
@@ -109,15 +110,95 @@ def obtainable_capacity(nodes: Sequence[SlurmNode], jobs: Iterable[HarvestJob], 
 
 def acquire(snapshot: Snapshot, capacity: Sequence[Obtainable], st: HarvestSettings, now: float, *,
             max_new_jobs: int, gpu_hours_left: float, time_limit_s: float = 5.0) -> Acquisition:
-    """Choose the jobs to submit (see the module docstring)."""
-    return acquire_greedy(snapshot, capacity, st, now, max_new_jobs=max_new_jobs, gpu_hours_left=gpu_hours_left,
-                          time_limit_s=time_limit_s)
+    """Choose the jobs to submit: ONE MILP (the planner's, controlplane/planner/obtainable.py) where
+    the idle Slurm GPUs are obtainable classes next to the pool's GPUs, so acquiring and placing
+    are one decision under the GPU-hours left and --max-jobs."""
+    from controlplane.planner.model import plan_with_obtainable
+
+    out = Acquisition()
+    classes, where = obtainable_classes(capacity)
+    spec = ObtainableSpec(classes=tuple(classes), start_latency_s=st.start_latency_s, gpu_hours_left=gpu_hours_left,
+                          time_limit_h=st.time_limit_h, max_jobs=max_new_jobs)
+    result = plan_with_obtainable(snapshot, now, spec, time_limit_s=time_limit_s)
+    pool_served = {m: c.served_rps for m, c in result.plan.coverage.items()}
+    table = ThroughputTable(snapshot)
+    for job in result.jobs:
+        partition, slurm_type = where[job.class_id]
+        models = tuple(sorted({m for m, _ in job.replicas}))
+        out.submits.append(Submit(partition, slurm_type, job.gpu_type, job.gpus, models,
+                                  _reason(snapshot, table, job, pool_served), classes_price(classes, job.class_id)))
+    out.unmet_rps = dict(result.unmet_rps)
+    if out.unmet_rps:
+        _why_unmet(snapshot, capacity, st, now, spec, out, time_limit_s)
+    return out
+
+
+def obtainable_classes(capacity: Sequence[Obtainable]) -> tuple[list[ObtainableClass], dict[str, tuple[str, str]]]:
+    """Identical slots grouped: (partition, Slurm type, GPUs, memory, price) -> one class."""
+    counts: dict[tuple[str, str, str, int, float, float], int] = {}
+    for b in capacity:
+        key = (b.partition, b.slurm_type, b.gpu_type, b.gpus, b.memory_gib, b.price_per_gpu_hour)
+        counts[key] = counts.get(key, 0) + 1
+    classes, where = [], {}
+    for (partition, slurm_type, gpu_type, gpus, memory, price), n in sorted(counts.items()):
+        class_id = f"{partition}/{slurm_type}/{gpus}"
+        classes.append(ObtainableClass(class_id, gpu_type, memory, gpus, n, price))
+        where[class_id] = (partition, slurm_type)
+    return classes, where
+
+
+def classes_price(classes: Sequence[ObtainableClass], class_id: str) -> float:
+    """The price per GPU-hour of a class."""
+    return next(c.price_per_gpu_hour for c in classes if c.class_id == class_id)
+
+
+def _reason(snapshot: Snapshot, table: ThroughputTable, job: AcquiredJob, pool_served: dict[str, float]) -> str:
+    parts = []
+    for model in sorted({m for m, _ in job.replicas}):
+        info = snapshot.model(model)
+        reps = [tp for m, tp in job.replicas if m == model]
+        rps = sum(table.rps(info, job.gpu_type, tp) for tp in reps) if info is not None else 0.0
+        tps = "/".join(str(t) for t in sorted(set(reps)))
+        parts.append(f"{model}: {snapshot.demand.get(model, 0.0):.2f} req/s demand, {pool_served.get(model, 0.0):.2f} "
+                     f"served by the pool; {len(reps)} replica(s) at TP {tps} here add {rps:.2f} req/s")
+    price = job.gpus * snapshot.gpu_types[job.gpu_type].price_per_hour
+    return "; ".join(parts) + f" ({job.gpus}x {job.gpu_type}, {price:.2f}/h)"
+
+
+def _why_unmet(snapshot: Snapshot, capacity: Sequence[Obtainable], st: HarvestSettings, now: float,
+               spec: ObtainableSpec, out: Acquisition, time_limit_s: float) -> None:
+    """Demand is left unmet: say whether no idle type can host it, or the budget / --max-jobs held it back
+    (by solving once more without those two limits)."""
+    from controlplane.planner.model import plan_with_obtainable
+
+    hostable = set()
+    for name in out.unmet_rps:
+        model = snapshot.model(name)
+        if model is None:
+            continue
+        if any(gpu_type_allowed(model, b.gpu_type) and any(tp <= b.gpus for tp in tp_options(model, b.memory_gib))
+               for b in capacity):
+            hostable.add(name)
+        else:
+            out.notes.append(f"{name}: {out.unmet_rps[name]:.2f} req/s unmet and no idle Slurm GPU in "
+                             f"{', '.join(st.partitions)} can host it")
+    limited = math.isfinite(spec.gpu_hours_left) or spec.max_jobs < (1 << 30)
+    if not hostable or not limited:
+        return
+    free = replace(spec, gpu_hours_left=math.inf, max_jobs=1 << 30)
+    wider = plan_with_obtainable(snapshot, now, free, time_limit_s=time_limit_s)
+    gpus = sum(j.gpus for j in wider.jobs)
+    if gpus * spec.time_limit_h > spec.gpu_hours_left + 1e-9:
+        out.blocked_by_budget = True
+    if len(wider.jobs) > spec.max_jobs:
+        out.blocked_by_jobs = True
 
 
 def acquire_greedy(snapshot: Snapshot, capacity: Sequence[Obtainable], st: HarvestSettings, now: float, *,
                    max_new_jobs: int, gpu_hours_left: float, time_limit_s: float = 5.0) -> Acquisition:
-    """Plan the pool as it is (the planner's MILP), then cover each model's unmet demand with the
-    cheapest job that covers it (or covers the most per cost), models by unmet demand descending."""
+    """A baseline (bench/harvest_sim.py): plan the pool as it is, then cover each model's unmet
+    demand with the cheapest job that covers it (or covers the most per cost), models by unmet
+    demand descending: acquiring and placing as two decisions."""
     from controlplane.planner.model import compute_plan
 
     out = Acquisition()
