@@ -105,8 +105,9 @@ def test_budget_and_job_limits_are_named_when_they_hold_demand_back() -> None:
 
 def test_odd_sized_slots_pack_power_of_two_replicas_exactly() -> None:
     """Slots of 3 GPUs hold one TP-2 replica each (not 1.5): two slots give two replicas, two jobs."""
+    names = ("wide-a", "wide-b")
     snap = Snapshot(gpu_types=TYPES, models=tuple(ModelInfo(name=n, weight_memory_gib=30, reference_rps=1.0)
-                                                  for n in ("wide-a", "wide-b")), demand={"wide-a": 10.0, "wide-b": 10.0})
+                                                  for n in names), demand=dict.fromkeys(names, 10.0))
     spec = ObtainableSpec(classes=(ObtainableClass("c", "RTX4090", 24.0, 3, 2, 0.4),))
     result = plan_with_obtainable(snap, NOW, spec, mip_gap=0.0)
     assert [j.gpus for j in result.jobs] == [2, 2]
