@@ -23,9 +23,9 @@ adopted. Everything is decided from the arguments: the same inputs give the same
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 
-from controlplane.harvest.acquire import acquire, obtainable_capacity, with_in_flight
+from controlplane.harvest.acquire import Acquisition, acquire, obtainable_capacity, with_in_flight
 from controlplane.harvest.model import (
     ACTIVE,
     Budget,
@@ -42,11 +42,14 @@ from controlplane.harvest.slurm import RUNNING_STATES, SlurmJobInfo
 from controlplane.pb import HarvestJob, HarvestJobState
 
 S = HarvestJobState
+#: (snapshot, capacity, settings, now, *, max_new_jobs, gpu_hours_left, time_limit_s) -> Acquisition
+Acquirer = Callable[..., Acquisition]
 
 
 def decide(pool: PoolView, slurm: SlurmView, records: Mapping[str, HarvestJob], settings: HarvestSettings,
-           now: float, *, time_limit_s: float = 5.0) -> HarvestPlan:
-    """One round's plan (module docstring). ``time_limit_s`` bounds the acquisition MILP."""
+           now: float, *, time_limit_s: float = 5.0, acquirer: Acquirer = acquire) -> HarvestPlan:
+    """One round's plan (module docstring). ``time_limit_s`` bounds the acquisition MILP;
+    ``acquirer`` chooses the acquisitions (the one MILP; bench/harvest_sim.py swaps in a baseline)."""
     now_ms = int(now * 1000)
     plan = HarvestPlan()
     jobs: dict[str, HarvestJob] = {}
@@ -69,7 +72,7 @@ def decide(pool: PoolView, slurm: SlurmView, records: Mapping[str, HarvestJob], 
     plan.budget = budget
     plan.active_jobs = sum(1 for j in jobs.values() if j.state in ACTIVE)
     _budget_guard(jobs, budget, plan, now_ms)
-    _acquire(pool, slurm, jobs, settings, budget, now, plan, time_limit_s)
+    _acquire(pool, slurm, jobs, settings, budget, now, plan, time_limit_s, acquirer)
     return plan
 
 
@@ -210,13 +213,13 @@ def _budget_guard(jobs: dict[str, HarvestJob], budget: Budget, plan: HarvestPlan
 
 
 def _acquire(pool: PoolView, slurm: SlurmView, jobs: dict[str, HarvestJob], st: HarvestSettings, budget: Budget,
-             now: float, plan: HarvestPlan, time_limit_s: float) -> None:
+             now: float, plan: HarvestPlan, time_limit_s: float, acquirer: Acquirer) -> None:
     snapshot = with_in_flight(pool.snapshot, jobs.values(), st, now)
     capacity = obtainable_capacity(slurm.nodes, jobs.values(), st, snapshot)
     max_jobs = max(0, st.max_jobs - plan.active_jobs)
     gpu_hours_left = budget.left
-    result = acquire(snapshot, capacity, st, now, max_new_jobs=max_jobs, gpu_hours_left=gpu_hours_left,
-                     time_limit_s=time_limit_s)
+    result = acquirer(snapshot, capacity, st, now, max_new_jobs=max_jobs, gpu_hours_left=gpu_hours_left,
+                      time_limit_s=time_limit_s)
     plan.submits.extend(result.submits)
     plan.unmet_rps.update(result.unmet_rps)
     plan.notes.extend(result.notes)
