@@ -167,7 +167,10 @@ class ManagedInstance:
         """Start the engine and serve until it fails (returns why, and since when it was READY)
         or a stop is requested (returns with the engine still running, for drain to handle)."""
         cfg = self.config
-        port = self._port_picker(cfg.bind_host)
+        try:
+            port = self._port_picker(cfg.bind_host)
+        except OSError as exc:  # --engine-port-range exhausted: FAILED, retried after the backoff
+            return f"no engine port: {exc}", None
         spec = EngineSpec(model=cfg.model, port=port, host=cfg.bind_host, source=cfg.source,
                           gpu_indices=cfg.gpu_indices, extra_args=cfg.extra_args, template=cfg.template,
                           options=dict(cfg.options))
@@ -188,8 +191,13 @@ class ManagedInstance:
         if why is not None or self._stop.is_set():
             return why or "", None
         ready_since = time.monotonic()
+        self._record_model_card(self.engine.model_card)
         self._publish(InstanceState.READY, error="" if self.record.restarts == 0 else None)
         return await self._watch_health(self.engine), ready_since
+
+    def _record_model_card(self, card: dict[str, object] | None) -> None:
+        """Keep the engine's own model facts (vLLM: max_model_len, root, parent) for /v1/models."""
+        self.record.max_model_len, self.record.model_root, self.record.model_parent = model_card_fields(card)
 
     async def _wait_ready(self, engine: EngineProcess) -> str | None:
         deadline = time.monotonic() + self.timings.startup_timeout_s
@@ -269,6 +277,17 @@ class ManagedInstance:
             await asyncio.sleep(0.1)
         if engine.running:
             log.warning("drain grace over with requests still in flight", instance=self.record.instance_id)
+
+
+def model_card_fields(card: dict[str, object] | None) -> tuple[int, str, str]:
+    """(max_model_len, root, parent) from an engine's /v1/models entry; 0 and "" where absent or odd."""
+    if not card:
+        return 0, "", ""
+    length = card.get("max_model_len")
+    root, parent = card.get("root"), card.get("parent")
+    valid_length = isinstance(length, int) and not isinstance(length, bool) and 0 < length < 2**32
+    return (length if valid_length else 0,  # type: ignore[return-value]  # narrowed above
+            root[:500] if isinstance(root, str) else "", parent[:500] if isinstance(parent, str) else "")
 
 
 def _connect_host(bind_host: str, advertise_host: str) -> str:

@@ -23,6 +23,7 @@ import time
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import aiohttp
 import structlog
@@ -30,8 +31,10 @@ import structlog
 from agent.engines import get_adapter
 from agent.gpus import GpuInfo
 from agent.instance import InstanceConfig, InstanceTimings, ManagedInstance
+from agent.kubernetes import KubernetesPod
 from agent.pool import DesiredState, RunningAssignment
 from agent.pool import diff as pool_diff
+from agent.ports import PortPicker, PortRange
 from agent.registration import Registration
 from agent.slurm import SlurmJobInfo
 from controlplane.keys import Keys
@@ -78,6 +81,8 @@ class AgentConfig:
     labels: dict[str, str] = field(default_factory=dict)
     timings: InstanceTimings = field(default_factory=InstanceTimings)
     engine_options: dict[str, dict[str, str]] = field(default_factory=dict)  # per engine, e.g. {"sim": {...}}
+    cpu: bool = False                    # --cpu: engines run without GPUs (gpus is empty, gpu_type "CPU")
+    engine_ports: PortRange | None = None  # --engine-port-range; None = any free port
 
 
 def advertise_address(etcd_endpoint: str) -> str:
@@ -123,6 +128,7 @@ class Agent:
         self._http: aiohttp.ClientSession | None = None
         self.loops = Supervisor()
         self.reconcile_wait_s = 60.0        # pool mode: how long to wait for the desired state to load
+        self._ports = PortPicker(config.engine_ports, in_use=self._engine_ports)
 
     def request_drain(self, reason: str) -> None:
         """Begin draining (signal handlers, job end clock, `ctl nodes drain`); idempotent."""
@@ -153,10 +159,16 @@ class Agent:
     def _start_instance(self, key: str, icfg: InstanceConfig) -> None:
         assert self._registration is not None and self._http is not None
         instance_id = f"{self.config.node_id}-{uuid.uuid4().hex[:8]}"
-        inst = ManagedInstance(instance_id, icfg, self._registration, self.keys, self._http, self.config.timings)
+        inst = ManagedInstance(instance_id, icfg, self._registration, self.keys, self._http, self.config.timings,
+                               port_picker=self._ports)
         self.instances[key] = inst
         inst.start(self.loops)
         self._publish_node()
+
+    def _engine_ports(self) -> list[int]:
+        """Ports this agent's instances hold (their engines may not have bound them yet)."""
+        return [port for inst in self.instances.values()
+                if (port := urlsplit(inst.record.endpoint).port if inst.record.endpoint else None)]
 
     async def _stop_instance(self, key: str) -> None:
         inst = self.instances[key]
@@ -171,7 +183,7 @@ class Agent:
         return InstanceConfig(
             model=model, adapter=get_adapter(engine), node_id=self.config.node_id, bind_host=self._bind,
             advertise_host=self._advertise, log_dir=self.config.log_dir, gpu_indices=tuple(g.index for g in gpus),
-            gpu_type=gpus[0].type if gpus else "", owner=self.config.owner,
+            gpu_type=gpus[0].type if gpus else ("CPU" if self.config.cpu else ""), owner=self.config.owner,
             options=dict(self.config.engine_options.get(engine, {})), **extra,  # type: ignore[arg-type]
         )
 
@@ -181,7 +193,7 @@ class Agent:
         self._started_ms = int(time.time() * 1000)
         self._advertise = cfg.advertise_host or advertise_address(cfg.etcd.endpoints[0])
         self._bind = cfg.bind_host or ("127.0.0.1" if self._advertise.startswith("127.") else "0.0.0.0")
-        gpu_sets = assign_gpus(cfg.gpus, cfg.serve) if cfg.serve else []
+        gpu_sets = [[] for _ in cfg.serve] if cfg.cpu else assign_gpus(cfg.gpus, cfg.serve) if cfg.serve else []
         store = await EtcdStore(cfg.etcd).connect()
         registration = self._registration = Registration(store)
         session = LeaseSession(store, cfg.lease_ttl, on_granted=registration.on_granted,
@@ -297,7 +309,9 @@ class Agent:
         self.request_drain(f"Slurm job {slurm.job_id} ends in {self.config.drain_window_s:.0f}s")
 
 
-def default_node_id(slurm: SlurmJobInfo | None) -> str:
-    """``<host>-<slurm job>`` inside Slurm, else ``<host>-<pid>``."""
+def default_node_id(slurm: SlurmJobInfo | None, pod: KubernetesPod | None = None) -> str:
+    """The pod name in Kubernetes, ``<host>-<slurm job>`` inside Slurm, else ``<host>-<pid>``."""
+    if pod is not None:
+        return pod.node_id
     host = socket.gethostname().split(".")[0]
     return f"{host}-job{slurm.job_id}" if slurm else f"{host}-{os.getpid()}"

@@ -31,6 +31,7 @@ class EngineProcess:
         self.base_url = base_url.rstrip("/")
         self.log_path = log_path
         self._proc: asyncio.subprocess.Process | None = None
+        self.model_card: dict[str, object] | None = None  # the engine's /v1/models entry, last probe
 
     @property
     def pid(self) -> int | None:
@@ -78,8 +79,12 @@ class EngineProcess:
                 body = await resp.json(content_type=None)
         except (aiohttp.ClientError, TimeoutError, ValueError) as exc:
             return f"not answering: {type(exc).__name__} {exc}".strip()
-        ids = [m.get("id") for m in body.get("data", []) if isinstance(m, dict)] if isinstance(body, dict) else []
-        return None if model in ids else f"serves {ids}, not {model!r}"
+        cards = [m for m in body.get("data", []) if isinstance(m, dict)] if isinstance(body, dict) else []
+        card = next((m for m in cards if m.get("id") == model), None)
+        if card is None:
+            return f"serves {[m.get('id') for m in cards]}, not {model!r}"
+        self.model_card = card
+        return None
 
     async def in_flight(self, session: aiohttp.ClientSession) -> int | None:
         """Requests running + waiting per the engine's vLLM-style metrics; None when unknown."""

@@ -10,11 +10,16 @@ etcd partition) may have lost its lease while it still believes it leads. Every 
 leader is therefore a transaction that also compares the leader key's create revision and value
 with the ones it won (``Fence.cmps``), so a deposed leader writes nothing. Closing the session
 revokes the lease, which deletes the key at once, so a standby takes over within its campaign
-interval. Used by `ctl planner run` (``planner/leader``) and `ctl harvest run` (``harvest/leader``).
+interval. A leader that loses its lease or its key does not campaign again for ``holdoff_s`` (one
+lease TTL in the daemons): a stalled process is likely to stall again, so a healthy standby
+(campaigning every TTL/3) takes over instead of the stalled one winning back at once.
+Used by `ctl planner run` (``planner/leader``) and `ctl harvest run` (``harvest/leader``).
 """
 
 from __future__ import annotations
 
+import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import structlog
@@ -45,13 +50,25 @@ class Leadership:
     ``on_lost`` to ``lost``; ``fence`` is None while not leading.
     """
 
-    def __init__(self, store: EtcdStore, key: str, identity: str, *, role: str) -> None:
+    def __init__(self, store: EtcdStore, key: str, identity: str, *, role: str, holdoff_s: float = 0.0,
+                 clock: Callable[[], float] = time.monotonic) -> None:
         self.store = store
         self.key = key
         self.identity = identity
         self.role = role
+        self.holdoff_s = holdoff_s
+        self.clock = clock
         self.fence: Fence | None = None
         self.terms = 0                      # times this campaigner became leader
+        self._deposed_until = 0.0
+
+    def holdoff_left(self) -> float:
+        """Seconds until a deposed leader may campaign again (0: now)."""
+        return max(0.0, self._deposed_until - self.clock()) if self.fence is None else 0.0
+
+    def _deposed(self) -> None:
+        self.fence = None
+        self._deposed_until = self.clock() + self.holdoff_s
 
     @property
     def is_leader(self) -> bool:
@@ -62,7 +79,7 @@ class Leadership:
         """The lease is gone: whatever we held, we no longer lead."""
         if self.fence is not None:
             log.warning(f"{self.role} lease lost; no longer leader", identity=self.identity)
-        self.fence = None
+            self._deposed()
 
     async def campaign(self, lease_id: int) -> bool:
         """Put the leader key if absent, on ``lease_id``; True when we now lead."""
@@ -82,7 +99,7 @@ class Leadership:
         if kv is None or kv.create_revision != self.fence.create_revision or kv.value != self.fence.value:
             log.warning(f"{self.role} leadership lost", identity=self.identity,
                         holder=kv.value.decode(errors="replace") if kv else None)
-            self.fence = None
+            self._deposed()
         return self.fence is not None
 
     async def holder(self) -> str | None:

@@ -48,7 +48,7 @@ from gateway.proxy import Exchange, Forwarder, ProxySettings, parse_model
 from gateway.routing import SESSION_HEADER
 from gateway.server import Handler, HttpServer, Request, Response
 from gateway.sse import TOKEN_FIELDS, with_usage_requested
-from gateway.table import Endpoint, RoutingTable
+from gateway.table import Endpoint, RoutingTable, engine_card_fields
 from gateway.upstream import UpstreamPool
 from gateway.usage import DemandMeter, UsageBook
 from gateway.worker_metrics import WorkerMetrics
@@ -363,6 +363,7 @@ class Gateway:
             "id": model, "object": "model", "created": int(self.started),
             "owned_by": owners[0] if owners else "modelpool",
             "instances": len(ready), "gpu_types": sorted({ep.gpu_type for ep in ready if ep.gpu_type}),
+            **engine_card_fields(ready),
         }
 
     async def healthz(self, _: Request, response: Response) -> None:

@@ -46,6 +46,9 @@ class Endpoint:
     node_id: str
     gpu_type: str
     owner: str
+    max_model_len: int = 0   # the engine's own /v1/models facts (0 / "" = not reported)
+    root: str = ""
+    parent: str = ""
 
     @property
     def ready(self) -> bool:
@@ -58,8 +61,25 @@ class Endpoint:
         return cls(
             instance_id=rec.instance_id, model=rec.model, url=rec.endpoint.rstrip("/"), state=rec.state,
             weight=rec.capacity_weight if rec.capacity_weight > 0 else 1.0, max_concurrency=rec.max_concurrency,
-            node_id=rec.node_id, gpu_type=rec.gpu_type, owner=rec.owner,
+            node_id=rec.node_id, gpu_type=rec.gpu_type, owner=rec.owner, max_model_len=rec.max_model_len,
+            root=rec.model_root, parent=rec.model_parent,
         )
+
+
+def engine_card_fields(ready: tuple[Endpoint, ...]) -> dict[str, object]:
+    """vLLM's model-card fields for /v1/models from the instances' records: ``max_model_len`` is
+    the smallest any READY instance reported (a request that fits it fits wherever it is routed),
+    ``root``/``parent`` the first reported (instance id order). Keys are left out when no instance
+    reported them (engines other than vLLM), as a direct engine would not send them either."""
+    out: dict[str, object] = {}
+    lengths = [ep.max_model_len for ep in ready if ep.max_model_len > 0]
+    if lengths:
+        out["max_model_len"] = min(lengths)
+    root = next((ep.root for ep in ready if ep.root), "")
+    if root:
+        out["root"] = root
+        out["parent"] = next((ep.parent for ep in ready if ep.parent), None)
+    return out
 
 
 class RoutingTable:

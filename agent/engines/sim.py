@@ -17,6 +17,7 @@ SIM_OPTIONS = {
     "startup_delay_s": "--startup-delay-s",
     "max_tokens_default": "--max-tokens-default",
     "seed": "--seed",
+    "max_model_len": "--max-model-len",
 }
 
 

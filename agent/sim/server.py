@@ -55,6 +55,7 @@ class SimConfig:
     max_tokens_default: int = 64         # longest answer when the request sets no max_tokens
     embedding_dim: int = 64
     seed: int = 0
+    max_model_len: int = MAX_MODEL_LEN   # prompt + max_tokens longer than this is answered 400, as vLLM does
 
     def validate(self) -> None:
         """Raise ValueError naming the first bad field."""
@@ -66,8 +67,8 @@ class SimConfig:
                 raise ValueError(f"{name} must be between 0 and 1")
         if self.max_concurrency < 1:
             raise ValueError("max_concurrency must be >= 1")
-        if self.max_tokens_default < 1 or self.embedding_dim < 1 or self.crash_after < 0:
-            raise ValueError("max_tokens_default and embedding_dim must be >= 1, crash_after >= 0")
+        if self.max_tokens_default < 1 or self.embedding_dim < 1 or self.crash_after < 0 or self.max_model_len < 1:
+            raise ValueError("max_tokens_default, embedding_dim and max_model_len must be >= 1, crash_after >= 0")
 
 
 class ApiError(Exception):
@@ -98,6 +99,9 @@ class Metrics:
         self.ttft = Histogram("vllm:time_to_first_token_seconds", "Time to first token", labels,
                               registry=r).labels(model)
         self.e2e = Histogram("vllm:e2e_request_latency_seconds", "Request latency", labels, registry=r).labels(model)
+        # vLLM's KV-cache gauge (0..1); here the share of generation slots in use
+        self.kv_cache_usage = Gauge("vllm:kv_cache_usage_perc", "KV-cache usage (1 = full)", labels,
+                                    registry=r).labels(model)
         self.model = model
 
     def success(self, reason: str) -> None:
@@ -156,7 +160,7 @@ class SimEngine:
 
     async def models(self, _: web.Request) -> web.Response:
         card = {"id": self.config.model, "object": "model", "created": self.created, "owned_by": "vllm",
-                "root": self.config.model, "parent": None, "max_model_len": MAX_MODEL_LEN}
+                "root": self.config.model, "parent": None, "max_model_len": self.config.max_model_len}
         return web.json_response({"object": "list", "data": [card]})
 
     async def set_faults(self, request: web.Request) -> web.Response:
@@ -320,7 +324,7 @@ class SimEngine:
         except ApiError as err:
             return err.response()
         tokens = [seed_for(w) % 32000 for w in text.split()]
-        return web.json_response({"count": len(tokens), "max_model_len": MAX_MODEL_LEN, "tokens": tokens})
+        return web.json_response({"count": len(tokens), "max_model_len": self.config.max_model_len, "tokens": tokens})
 
     async def detokenize(self, request: web.Request) -> web.Response:
         try:
@@ -372,8 +376,9 @@ class SimEngine:
         if not isinstance(stream, bool):
             raise ApiError(400, "'stream' must be a boolean", param="stream")
         prompt_tokens = count_tokens(prompt)
-        if max_tokens is not None and prompt_tokens + max_tokens > MAX_MODEL_LEN:
-            raise ApiError(400, f"This model's maximum context length is {MAX_MODEL_LEN} tokens. However, you "
+        limit = self.config.max_model_len
+        if max_tokens is not None and prompt_tokens + max_tokens > limit:
+            raise ApiError(400, f"This model's maximum context length is {limit} tokens. However, you "
                                 f"requested {prompt_tokens + max_tokens} tokens.", param=max_key)
         seed = seed_for(self.config.seed, prompt, body.get("seed"))
         if max_tokens is not None:
@@ -532,9 +537,12 @@ class _Slot:
         finally:
             m.waiting.dec()
         m.running.inc()
+        m.kv_cache_usage.inc(1 / self.engine.config.max_concurrency)
 
     async def __aexit__(self, *exc: object) -> None:
-        self.engine.metrics.running.dec()
+        m = self.engine.metrics
+        m.running.dec()
+        m.kv_cache_usage.dec(1 / self.engine.config.max_concurrency)
         self.engine.slots.release()
 
 

@@ -1,4 +1,4 @@
-"""`ctl agent`: run the node agent (inside a Slurm job, or anywhere with GPUs or a --gpus override)."""
+"""`ctl agent`: run the node agent (in a Slurm job, a Kubernetes pod, or anywhere with GPUs, --gpus or --cpu)."""
 
 from __future__ import annotations
 
@@ -15,6 +15,8 @@ from agent.engines.base import EngineConfigError
 from agent.engines.command import parse_command_template
 from agent.gpus import GpuDiscoveryError, discover_gpus
 from agent.instance import InstanceTimings
+from agent.kubernetes import detect_kubernetes
+from agent.ports import PortRange, PortRangeError
 from agent.runtime import Agent, AgentConfig, ServeSpec, assign_gpus, default_node_id
 from agent.slurm import detect_slurm_job
 from controlplane.cli.common import (
@@ -40,6 +42,10 @@ Examples:
 
   # a simulated engine on a host without GPUs
   ctl agent --etcd 127.0.0.1:2379 --serve demo --engine sim --gpus 1xSIM-24GB --sim-option ttft_ms=50
+
+  # a CPU build of vLLM on a host without GPUs, engine ports only from 8100-8199
+  ctl agent --etcd 127.0.0.1:2379 --serve tiny --engine vllm --source ./tiny-llama --cpu \
+      --engine-port-range 8100-8199 --engine-arg=--load-format --engine-arg=dummy
 
   # donate 4 GPUs to the planner (pool mode)
   ctl agent --etcd etcd1:2379 --pool
@@ -85,7 +91,13 @@ def agent(
                                                              "(e.g. max_concurrency=64).")] = None,
     gpus: Annotated[str | None, typer.Option("--gpus", envvar="MODELPOOL_GPUS", help="GPU override, e.g. 2xA100-80GB "
                                              "(hosts without NVML).")] = None,
-    node_id: Annotated[str | None, typer.Option("--node-id", help="Node id (default: host + Slurm job).")] = None,
+    cpu: Annotated[bool, typer.Option("--cpu", envvar="MODELPOOL_CPU", help="Run engines on the CPU: no GPU is "
+                                      "looked for or given (no CUDA_VISIBLE_DEVICES); --serve only.")] = False,
+    engine_port_range: Annotated[str, typer.Option("--engine-port-range", envvar="MODELPOOL_ENGINE_PORT_RANGE",
+                                                   help="Engine ports come from LOW-HIGH (sites whose firewalls "
+                                                   "open only some ports); default: any free port.")] = "",
+    node_id: Annotated[str | None, typer.Option("--node-id", help="Node id (default: the pod name in Kubernetes, "
+                                                "else host + Slurm job).")] = None,
     lease_ttl: Annotated[int, typer.Option("--lease-ttl", min=2, help="Lease TTL in seconds.")] = 10,
     drain_grace: Annotated[float, typer.Option("--drain-grace", min=0, help="Seconds to let in-flight requests "
                                                "finish when draining.")] = 60.0,
@@ -122,25 +134,38 @@ def agent(
     engine_options: dict[str, dict[str, str]] = {engine: parse_pairs(engine_option or [], "--engine-option")}
     engine_options.setdefault("sim", {}).update(parse_pairs(sim_option or [], "--sim-option"))
     options = engine_options[engine]
+    if cpu and (pool or gpus):
+        fail("--cpu runs --serve models without GPUs: it cannot be combined with "
+             + ("--pool" if pool else "--gpus"), ExitCode.USAGE)
     try:
-        found = discover_gpus(gpus)
-    except GpuDiscoveryError as exc:
+        ports = PortRange.parse(engine_port_range) if engine_port_range else None
+    except PortRangeError as exc:
         fail(str(exc), ExitCode.USAGE)
-    slurm = detect_slurm_job()
+    try:
+        found = [] if cpu else discover_gpus(gpus)
+    except GpuDiscoveryError as exc:
+        fail(f"{exc} (or run engines on the CPU with --cpu)", ExitCode.USAGE)
+    pod = detect_kubernetes()
+    slurm = None if pod else detect_slurm_job()  # a pod has no Slurm job, whatever its environment says
     specs = []
     for item in serve or []:
         model, count = parse_serve(item)
+        if cpu and count:
+            fail(f"--serve {item!r}: with --cpu there are no GPUs to count; give the model name alone",
+                 ExitCode.USAGE)
         specs.append(ServeSpec(model=model, engine=engine, source=source, extra_args=tuple(engine_arg or []),
                                template=parsed_template, options=options, gpus=count))
+    labels = {**(pod.labels() if pod else {}), **parse_pairs(label or [], "--label")}
     cfg = AgentConfig(
-        etcd=config, node_id=node_id or default_node_id(slurm), gpus=found, serve=specs, slurm=slurm,
-        bind_host=bind_host, advertise_host=advertise_address, lease_ttl=lease_ttl, drain_grace_s=drain_grace,
-        drain_window_s=drain_window, log_dir=log_dir, owner=owner or (slurm.user if slurm else "") or
-        os.environ.get("USER", ""), labels=parse_pairs(label or [], "--label"),
+        etcd=config, node_id=node_id or default_node_id(slurm, pod), gpus=found, serve=specs, slurm=slurm,
+        bind_host=bind_host, advertise_host=advertise_address or (pod.pod_ip if pod else ""), lease_ttl=lease_ttl,
+        drain_grace_s=drain_grace, drain_window_s=drain_window, log_dir=log_dir,
+        owner=owner or (slurm.user if slurm else "") or os.environ.get("USER", ""), labels=labels,
         timings=InstanceTimings(startup_timeout_s=startup_timeout), pool=pool, engine_options=engine_options,
+        cpu=cpu, engine_ports=ports,
     )
     try:
-        if cfg.serve:
+        if cfg.serve and not cpu:
             assign_gpus(cfg.gpus, cfg.serve)
     except ValueError as exc:
         fail(str(exc), ExitCode.USAGE)

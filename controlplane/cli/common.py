@@ -89,14 +89,19 @@ def run_async(fn: Callable[[], Awaitable[T]], *, exit_within_s: float | None = N
     try:
         return runner(fn())  # type: ignore[arg-type]
     except StoreError as exc:
-        from controlplane.store import StoreUnavailable, TxnConflict
-
-        if isinstance(exc, StoreUnavailable):
-            fail(str(exc), ExitCode.UNAVAILABLE)
-        if isinstance(exc, TxnConflict):
-            fail(str(exc), ExitCode.CONFLICT)
-        fail(str(exc))
+        fail(str(exc), exit_code_for(exc))
     raise AssertionError("unreachable")
+
+
+def exit_code_for(exc: BaseException) -> ExitCode:
+    """The exit code an error ends a command with: etcd unreachable 5, a lost race 4, else 255."""
+    from controlplane.store import StoreUnavailable, TxnConflict
+
+    if isinstance(exc, StoreUnavailable):
+        return ExitCode.UNAVAILABLE
+    if isinstance(exc, TxnConflict):
+        return ExitCode.CONFLICT
+    return ExitCode.ERROR
 
 
 def _with_exit_watchdog(fn: Callable[[], Awaitable[T]], within_s: float) -> Callable[[], Awaitable[T]]:
@@ -106,6 +111,9 @@ def _with_exit_watchdog(fn: Callable[[], Awaitable[T]], within_s: float) -> Call
             result = await fn()
             code = ExitCode.OK
             return result
+        except BaseException as exc:
+            code = exit_code_for(exc)   # a daemon that could not reach etcd still exits 5, even via the watchdog
+            raise
         finally:
             exit_watchdog(within_s, int(code))
     return run

@@ -6,7 +6,8 @@
       └─ ctl agent    --serve <model> --engine sim     (one per demo model)
                          └─ python -m agent.sim        (a real OpenAI-compatible server)
 
-Ctrl-C or SIGTERM stops every child (agents drain first) and leaves no process behind.
+Ctrl-C, SIGTERM or SIGHUP (the terminal went away) stops every child (agents drain first),
+removes the temp dir, and leaves no process behind.
 """
 
 from __future__ import annotations
@@ -40,7 +41,11 @@ console = Console(stderr=True)
 
 
 def _port_free(port: int) -> bool:
+    """True when a server could listen on ``port`` now. SO_REUSEADDR as etcd and the gateway bind:
+    without it, connections of the last run still in TIME_WAIT (about 60 s) make a free port look
+    taken, and a restarted `ctl dev` moved etcd off 2379."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             s.bind(("127.0.0.1", port))
         except OSError:
@@ -174,8 +179,8 @@ def dev(
     wd = Path(tempfile.mkdtemp(prefix="modelpool-dev-")) if workdir is None else workdir
     cluster = DevCluster(workdir=wd, gateway_port=gateway_port, models=names)
     cluster.logs.mkdir(parents=True, exist_ok=True)
-    signal.signal(signal.SIGTERM, _raise_stop)
-    signal.signal(signal.SIGINT, _raise_stop)
+    for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+        signal.signal(signum, _raise_stop)
     code = ExitCode.OK
     try:
         with Progress(SpinnerColumn(), TextColumn("{task.description}"), BarColumn(),
@@ -212,8 +217,8 @@ def dev(
         console.print(f"[red]error:[/] {exc}")
         code = ExitCode.ERROR
     finally:
-        signal.signal(signal.SIGINT, signal.SIG_IGN)
-        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+            signal.signal(signum, signal.SIG_IGN)
         cluster.shutdown()
         if own_dir and code == ExitCode.OK:
             shutil.rmtree(wd, ignore_errors=True)

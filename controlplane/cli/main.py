@@ -27,6 +27,7 @@ COMMAND_MODULES = (
     "profile",
     "nodes",
     "usage",
+    "exporter",
 )
 
 

@@ -45,6 +45,7 @@ from controlplane.planner.apply import (
     ApplyError,
     ApplyResult,
     PlanFile,
+    PlanFileError,
     StalePlan,
     apply_plan,
     plan_from_etcd,
@@ -224,7 +225,10 @@ def apply_cmd(
     config = etcd_config(etcd, etcd_prefix, etcd_cacert, etcd_cert, etcd_key, etcd_user)
     try:
         if plan_file is not None:
-            pf = PlanFile.load(plan_file)
+            try:
+                pf = PlanFile.load(plan_file)
+            except PlanFileError as exc:  # a missing or malformed argument is a usage error
+                fail(str(exc), ExitCode.USAGE)
         else:
             cfg = _load_cluster(cluster)
             pf = run_async(lambda: _plan_live(config, cfg, _load_demand(demand), time.time(), time_limit, None))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 from typing import Annotated
 
@@ -44,7 +45,11 @@ def profile(
                                          "(default: $MODELPOOL_API_KEY).")] = "",
     output: OutputOpt = OutputFormat.table,
 ) -> None:
-    """Measure requests/s and tokens/s of one instance and write a planner profile entry."""
+    """Measure requests/s and tokens/s of one instance and write a planner profile entry.
+
+    Prompts are sized to the engine's max_model_len (from /v1/models and /tokenize); a mix stops
+    after 5 requests in a row are refused with a 4xx, and the command fails saying why.
+    """
     if tp not in KNOWN_TP_DEGREES:
         fail(f"--tp must be one of {list(KNOWN_TP_DEGREES)}, got {tp}", ExitCode.USAGE)
     mixes = (Mix(PREFILL_HEAVY.name, prefill_words, PREFILL_HEAVY.max_tokens),
@@ -63,6 +68,8 @@ def profile(
     print_table(["mix", "requests", "errors", "req/s", "tokens/s", "ttft p50 ms"],
                 [(m["mix"], m["requests"], m["errors"], m["requests_per_s"], m["tokens_per_s"], m["ttft_p50_ms"])
                  for m in (r.as_dict() for r in result.mixes)], title=f"Profile of {model} at {url}")
+    for note in result.notes:
+        print(f"note: {note}", file=sys.stderr)
     e = result.entry
     print(f"profile: {{model: {e.model}, gpu_type: {e.gpu_type}, tp: {e.tp}, requests_per_s: {e.requests_per_s}}}"
           + (f" -> merged into {out}" if out else ""))

@@ -133,7 +133,8 @@ class HarvestDaemon:
         self.slurm = slurm
         self.clock = clock
         self.stats = HarvestStats()
-        self.leadership = Leadership(store, keys.harvest_leader, config.identity, role="harvest")
+        self.leadership = Leadership(store, keys.harvest_leader, config.identity, role="harvest",
+                                     holdoff_s=config.lease_ttl)
         self.session = LeaseSession(store, config.lease_ttl, on_lost=self._on_lost, name="harvest")
         self._stop = asyncio.Event()
         self._status_written = b""
@@ -169,6 +170,8 @@ class HarvestDaemon:
         if lease == 0:
             return min(st.interval_s, 1.0)
         if not self.leadership.is_leader:
+            if (wait := self.leadership.holdoff_left()) > 0:  # deposed: let a standby take over first
+                return min(wait, self.config.lease_ttl / 3)
             if not await self.leadership.campaign(lease):
                 return min(st.interval_s, self.config.lease_ttl / 3)
         elif not await self.leadership.still_leader():

@@ -97,7 +97,7 @@ class NodeRecord(_message.Message):
     def __init__(self, node_id: _Optional[str] = ..., hostname: _Optional[str] = ..., address: _Optional[str] = ..., gpus: _Optional[_Iterable[_Union[Gpu, _Mapping]]] = ..., slurm: _Optional[_Union[SlurmJob, _Mapping]] = ..., pool: _Optional[bool] = ..., draining: _Optional[bool] = ..., started_unix_ms: _Optional[int] = ..., agent_version: _Optional[str] = ..., end_time_unix: _Optional[int] = ..., free_gpu_indices: _Optional[_Iterable[int]] = ..., labels: _Optional[_Mapping[str, str]] = ...) -> None: ...
 
 class InstanceRecord(_message.Message):
-    __slots__ = ("instance_id", "model", "node_id", "endpoint", "state", "engine", "gpu_indices", "gpu_type", "max_concurrency", "started_unix_ms", "state_since_unix_ms", "restarts", "last_error", "assignment_id", "owner", "capacity_weight")
+    __slots__ = ("instance_id", "model", "node_id", "endpoint", "state", "engine", "gpu_indices", "gpu_type", "max_concurrency", "started_unix_ms", "state_since_unix_ms", "restarts", "last_error", "assignment_id", "owner", "capacity_weight", "max_model_len", "model_root", "model_parent")
     INSTANCE_ID_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
     NODE_ID_FIELD_NUMBER: _ClassVar[int]
@@ -114,6 +114,9 @@ class InstanceRecord(_message.Message):
     ASSIGNMENT_ID_FIELD_NUMBER: _ClassVar[int]
     OWNER_FIELD_NUMBER: _ClassVar[int]
     CAPACITY_WEIGHT_FIELD_NUMBER: _ClassVar[int]
+    MAX_MODEL_LEN_FIELD_NUMBER: _ClassVar[int]
+    MODEL_ROOT_FIELD_NUMBER: _ClassVar[int]
+    MODEL_PARENT_FIELD_NUMBER: _ClassVar[int]
     instance_id: str
     model: str
     node_id: str
@@ -130,7 +133,10 @@ class InstanceRecord(_message.Message):
     assignment_id: str
     owner: str
     capacity_weight: float
-    def __init__(self, instance_id: _Optional[str] = ..., model: _Optional[str] = ..., node_id: _Optional[str] = ..., endpoint: _Optional[str] = ..., state: _Optional[_Union[InstanceState, str]] = ..., engine: _Optional[str] = ..., gpu_indices: _Optional[_Iterable[int]] = ..., gpu_type: _Optional[str] = ..., max_concurrency: _Optional[int] = ..., started_unix_ms: _Optional[int] = ..., state_since_unix_ms: _Optional[int] = ..., restarts: _Optional[int] = ..., last_error: _Optional[str] = ..., assignment_id: _Optional[str] = ..., owner: _Optional[str] = ..., capacity_weight: _Optional[float] = ...) -> None: ...
+    max_model_len: int
+    model_root: str
+    model_parent: str
+    def __init__(self, instance_id: _Optional[str] = ..., model: _Optional[str] = ..., node_id: _Optional[str] = ..., endpoint: _Optional[str] = ..., state: _Optional[_Union[InstanceState, str]] = ..., engine: _Optional[str] = ..., gpu_indices: _Optional[_Iterable[int]] = ..., gpu_type: _Optional[str] = ..., max_concurrency: _Optional[int] = ..., started_unix_ms: _Optional[int] = ..., state_since_unix_ms: _Optional[int] = ..., restarts: _Optional[int] = ..., last_error: _Optional[str] = ..., assignment_id: _Optional[str] = ..., owner: _Optional[str] = ..., capacity_weight: _Optional[float] = ..., max_model_len: _Optional[int] = ..., model_root: _Optional[str] = ..., model_parent: _Optional[str] = ...) -> None: ...
 
 class Assignment(_message.Message):
     __slots__ = ("assignment_id", "node_id", "model", "gpu_indices", "tensor_parallel", "engine", "plan_id")

@@ -15,10 +15,12 @@ first), and ``fit_transaction`` trims the plan file as the last guarantee (STOPs
 ones first; no START while any STOP waits, since a START may reuse a STOP's GPUs). The rest
 follows in the next rounds: the plan is recomputed from what etcd then holds.
 
-Winning once does not make a leader safe (controlplane/leader.py, shared with `ctl harvest run`):
-every apply also compares the leader key's create revision and value with ours, so a deposed
-leader's apply fails (StalePlan naming "leadership lost") and it goes back to campaigning.
-Stopping revokes the lease, which deletes the leader key at once.
+A leader that loses its lease or its key does not campaign again for one lease TTL, so a
+standby takes over instead of the stalled process winning back at once. Winning once does not
+make a leader safe (controlplane/leader.py, shared with `ctl harvest run`): every apply also
+compares the leader key's create revision and value with ours, so a deposed leader's apply fails
+(StalePlan naming "leadership lost") and it goes back to campaigning. Stopping revokes the
+lease, which deletes the leader key at once.
 
 Churn cap (``max_churn``): at most that many optional START+STOP actions per round. STOPs the
 planner would make anyway (node gone or draining, model removed, replica no longer fits) are
@@ -224,7 +226,8 @@ class PlannerDaemon:
         self.clock = clock
         self.stats = DaemonStats()
         self._stop = asyncio.Event()
-        self.leadership = Leadership(store, keys.planner_leader, config.identity, role="planner")
+        self.leadership = Leadership(store, keys.planner_leader, config.identity, role="planner",
+                                     holdoff_s=config.lease_ttl)
         self.session = LeaseSession(store, config.lease_ttl, on_lost=self._on_lost, name="planner")
 
     @property
@@ -295,6 +298,8 @@ class PlannerDaemon:
             lease = await self._wait_lease()
             if lease == 0:
                 return 0.0   # _wait_lease waited a second already
+            if self.fence is None and (wait := self.leadership.holdoff_left()) > 0:
+                return min(wait, cfg.lease_ttl / 3)
             if self.fence is None and not await self.campaign(lease):
                 return min(cfg.interval_s, cfg.lease_ttl / 3)
             if await self.still_leader():

