@@ -13,7 +13,10 @@
     <prefix>/usage/<key_id>/<model>/<gateway_id>       Usage
     <prefix>/control/nodes/<node_ref>                  NodeControl     `ctl nodes drain`
     <prefix>/planner/leader                            (election)      planner lease
-    <prefix>/tokens/…, <prefix>/harvest/…              reserved for the tunnel and harvest records
+    <prefix>/harvest/jobs/<job_id>                     HarvestJob      harvest leader
+    <prefix>/harvest/status                            HarvestStatus   harvest leader's lease
+    <prefix>/harvest/leader                            (election)      harvest leader's lease
+    <prefix>/tokens/…                                  reserved for the tunnel's join tokens
 
 A node ref is ``<tenant>/<node_id>`` (legacy nodes: the node id), one percent-encoded segment
 (controlplane/tenancy.py).
@@ -171,6 +174,21 @@ class Keys:
     @property
     def planner_leader(self) -> str:
         return self._k("planner", "leader")
+
+    @property
+    def harvest_jobs(self) -> str:
+        return self._k("harvest", "jobs", "")
+
+    def harvest_job(self, job_id: str) -> str:
+        return self._k("harvest", "jobs", encode_segment(job_id))
+
+    @property
+    def harvest_status(self) -> str:
+        return self._k("harvest", "status")
+
+    @property
+    def harvest_leader(self) -> str:
+        return self._k("harvest", "leader")
 
 
 @dataclass(frozen=True)

@@ -7,6 +7,11 @@ through ``SLURM_CONF`` in ``cluster.env``; ``sbatch`` exports the submitter's en
 the job, so ``squeue``/``scontrol`` run inside a job reach the same cluster. The system's
 ``/etc/slurm`` and ``/etc/munge`` are never read or written.
 
+The node advertises typed GPUs through GRES (``gpus``, default 2x a100 + 2x rtx4090): a
+``gres.conf`` beside ``slurm.conf`` whose ``File=`` entries are empty placeholder files, because
+slurmd drops GPUs without device files and the node goes INVAL. ``sbatch --gres=gpu:a100:1``
+then schedules against them; nothing isolates them (task/none), which tests do not need.
+
 Needs root (SlurmUser=root, munged refuses a key it does not own) and the Debian packages
 ``slurm-wlm`` and ``munge``. ``SlurmCluster.start()`` raises ``SlurmUnavailable`` with the
 reason when something is missing or a daemon does not come up; the pytest fixture turns that
@@ -61,7 +66,7 @@ JobAcctGatherType=jobacct_gather/none
 AccountingStorageType=accounting_storage/none
 SelectType=select/cons_tres
 SelectTypeParameters=CR_Core
-ReturnToService=2
+{gres_types}ReturnToService=2
 # Advertise CPUS_ADVERTISED CPUs whatever the host has, so a few 1-CPU test jobs run side by side.
 SlurmdParameters=config_overrides
 StateSaveLocation={dir}/state
@@ -77,9 +82,15 @@ SlurmdTimeout=30
 InactiveLimit=0
 KillWait=30
 MinJobAge=600
-NodeName={host} NodeAddr=127.0.0.1 NodeHostname={host} CPUs={cpus} RealMemory={memory_mb} State=UNKNOWN
+NodeName={host} NodeAddr=127.0.0.1 NodeHostname={host} CPUs={cpus} RealMemory={memory_mb}{gres} State=UNKNOWN
 PartitionName=debug Nodes={host} Default=YES MaxTime=INFINITE State=UP
-"""
+{extra}"""
+
+#: Typed GPUs the test node advertises through GRES (Slurm type -> count). slurmd drops GPUs
+#: without device files ("Removing file-less GPU", node INVAL), so gres.conf points ``File=`` at
+#: empty placeholder files under the cluster dir; task/none means nothing is isolated, which
+#: tests do not need. Jobs that ask for no GRES are unaffected.
+DEFAULT_GPUS: dict[str, int] = {"a100": 2, "rtx4090": 2}
 
 
 class SlurmUnavailable(RuntimeError):
@@ -118,13 +129,20 @@ class SlurmCluster:
     directory: Path
     host: str = field(default_factory=lambda: socket.gethostname().split(".")[0])
     owns_directory: bool = False
+    gpus: Mapping[str, int] = field(default_factory=lambda: dict(DEFAULT_GPUS))
+    extra_conf: str = ""                                # more slurm.conf lines (partitions, preemption)
     procs: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
     submitted: list[str] = field(default_factory=list)  # job ids sbatch() returned, in order
 
     @classmethod
-    def in_temp_dir(cls) -> SlurmCluster:
-        """A cluster whose files live in a fresh temp dir, removed by ``stop()``."""
-        return cls(directory=Path(tempfile.mkdtemp(prefix="mp-slurm-")), owns_directory=True)
+    def in_temp_dir(cls, *, gpus: Mapping[str, int] | None = None, extra_conf: str = "") -> SlurmCluster:
+        """A cluster whose files live in a fresh temp dir, removed by ``stop()``.
+
+        ``gpus``: typed GPUs of the node (default ``DEFAULT_GPUS``; ``{}`` for none);
+        ``extra_conf``: lines appended to slurm.conf (``{host}`` is replaced by the node name).
+        """
+        return cls(directory=Path(tempfile.mkdtemp(prefix="mp-slurm-")), owns_directory=True,
+                   gpus=dict(DEFAULT_GPUS if gpus is None else gpus), extra_conf=extra_conf)
 
     # -- paths and environment --------------------------------------------------------------
 
@@ -200,10 +218,30 @@ class SlurmCluster:
         key = self.directory / "munge" / "munge.key"
         key.write_bytes(os.urandom(1024))
         key.chmod(0o400)
+        gres = ",".join(f"gpu:{t}:{n}" for t, n in self.gpus.items() if n > 0)
         self.conf_path.write_text(SLURM_CONF.format(
             host=self.host, dir=self.directory, munge_socket=self.munge_socket,
             ctld_port=_free_port(), slurmd_port=_free_port(),
-            cpus=CPUS_ADVERTISED, memory_mb=1000))
+            cpus=CPUS_ADVERTISED, memory_mb=1000,
+            gres_types="GresTypes=gpu\n" if gres else "", gres=f" Gres={gres}" if gres else "",
+            extra=self.extra_conf.replace("{host}", self.host)))
+        (self.directory / "gres.conf").write_text(self._gres_conf())
+
+    def _gres_conf(self) -> str:
+        """One line per GPU type, its ``File=`` range over empty placeholder device files."""
+        lines, first = [], 0
+        devices = self.directory / "dev"
+        devices.mkdir(exist_ok=True)
+        for gpu_type, count in self.gpus.items():
+            if count <= 0:
+                continue
+            for i in range(first, first + count):
+                (devices / f"nvidia{i}").touch()
+            last = first + count - 1
+            files = f"{devices}/nvidia{first}" if count == 1 else f"{devices}/nvidia[{first}-{last}]"
+            lines.append(f"NodeName={self.host} Name=gpu Type={gpu_type} File={files}\n")
+            first += count
+        return "".join(lines)
 
     def _start_munged(self, timeout_s: float) -> None:
         mdir = self.directory / "munge"

@@ -23,6 +23,7 @@ COMMAND_MODULES = (
     "models",
     "keys",
     "plan",
+    "harvest",
     "profile",
     "nodes",
     "usage",

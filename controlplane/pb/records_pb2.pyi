@@ -14,11 +14,26 @@ class InstanceState(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     READY: _ClassVar[InstanceState]
     DRAINING: _ClassVar[InstanceState]
     FAILED: _ClassVar[InstanceState]
+
+class HarvestJobState(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    HARVEST_JOB_STATE_UNSPECIFIED: _ClassVar[HarvestJobState]
+    HARVEST_PENDING: _ClassVar[HarvestJobState]
+    HARVEST_RUNNING: _ClassVar[HarvestJobState]
+    HARVEST_RELEASING: _ClassVar[HarvestJobState]
+    HARVEST_CANCELLED: _ClassVar[HarvestJobState]
+    HARVEST_ENDED: _ClassVar[HarvestJobState]
 INSTANCE_STATE_UNSPECIFIED: InstanceState
 STARTING: InstanceState
 READY: InstanceState
 DRAINING: InstanceState
 FAILED: InstanceState
+HARVEST_JOB_STATE_UNSPECIFIED: HarvestJobState
+HARVEST_PENDING: HarvestJobState
+HARVEST_RUNNING: HarvestJobState
+HARVEST_RELEASING: HarvestJobState
+HARVEST_CANCELLED: HarvestJobState
+HARVEST_ENDED: HarvestJobState
 
 class Gpu(_message.Message):
     __slots__ = ("index", "type", "memory_bytes", "uuid")
@@ -304,3 +319,82 @@ class NodeControl(_message.Message):
     requested_unix_ms: int
     requested_by: str
     def __init__(self, node_id: _Optional[str] = ..., drain: _Optional[bool] = ..., reason: _Optional[str] = ..., requested_unix_ms: _Optional[int] = ..., requested_by: _Optional[str] = ...) -> None: ...
+
+class HarvestJob(_message.Message):
+    __slots__ = ("job_id", "state", "partition", "slurm_gres_type", "gpu_type", "gpu_count", "models", "reason", "submitted_unix_ms", "started_unix_ms", "ended_unix_ms", "time_limit_s", "node_id", "idle_since_unix_ms", "end_reason", "gpu_hours", "updated_unix_ms", "submitted_by", "price_per_gpu_hour", "slurm_state", "state_since_unix_ms")
+    JOB_ID_FIELD_NUMBER: _ClassVar[int]
+    STATE_FIELD_NUMBER: _ClassVar[int]
+    PARTITION_FIELD_NUMBER: _ClassVar[int]
+    SLURM_GRES_TYPE_FIELD_NUMBER: _ClassVar[int]
+    GPU_TYPE_FIELD_NUMBER: _ClassVar[int]
+    GPU_COUNT_FIELD_NUMBER: _ClassVar[int]
+    MODELS_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    SUBMITTED_UNIX_MS_FIELD_NUMBER: _ClassVar[int]
+    STARTED_UNIX_MS_FIELD_NUMBER: _ClassVar[int]
+    ENDED_UNIX_MS_FIELD_NUMBER: _ClassVar[int]
+    TIME_LIMIT_S_FIELD_NUMBER: _ClassVar[int]
+    NODE_ID_FIELD_NUMBER: _ClassVar[int]
+    IDLE_SINCE_UNIX_MS_FIELD_NUMBER: _ClassVar[int]
+    END_REASON_FIELD_NUMBER: _ClassVar[int]
+    GPU_HOURS_FIELD_NUMBER: _ClassVar[int]
+    UPDATED_UNIX_MS_FIELD_NUMBER: _ClassVar[int]
+    SUBMITTED_BY_FIELD_NUMBER: _ClassVar[int]
+    PRICE_PER_GPU_HOUR_FIELD_NUMBER: _ClassVar[int]
+    SLURM_STATE_FIELD_NUMBER: _ClassVar[int]
+    STATE_SINCE_UNIX_MS_FIELD_NUMBER: _ClassVar[int]
+    job_id: str
+    state: HarvestJobState
+    partition: str
+    slurm_gres_type: str
+    gpu_type: str
+    gpu_count: int
+    models: _containers.RepeatedScalarFieldContainer[str]
+    reason: str
+    submitted_unix_ms: int
+    started_unix_ms: int
+    ended_unix_ms: int
+    time_limit_s: int
+    node_id: str
+    idle_since_unix_ms: int
+    end_reason: str
+    gpu_hours: float
+    updated_unix_ms: int
+    submitted_by: str
+    price_per_gpu_hour: float
+    slurm_state: str
+    state_since_unix_ms: int
+    def __init__(self, job_id: _Optional[str] = ..., state: _Optional[_Union[HarvestJobState, str]] = ..., partition: _Optional[str] = ..., slurm_gres_type: _Optional[str] = ..., gpu_type: _Optional[str] = ..., gpu_count: _Optional[int] = ..., models: _Optional[_Iterable[str]] = ..., reason: _Optional[str] = ..., submitted_unix_ms: _Optional[int] = ..., started_unix_ms: _Optional[int] = ..., ended_unix_ms: _Optional[int] = ..., time_limit_s: _Optional[int] = ..., node_id: _Optional[str] = ..., idle_since_unix_ms: _Optional[int] = ..., end_reason: _Optional[str] = ..., gpu_hours: _Optional[float] = ..., updated_unix_ms: _Optional[int] = ..., submitted_by: _Optional[str] = ..., price_per_gpu_hour: _Optional[float] = ..., slurm_state: _Optional[str] = ..., state_since_unix_ms: _Optional[int] = ...) -> None: ...
+
+class HarvestStatus(_message.Message):
+    __slots__ = ("leader", "updated_unix_ms", "budget_gpu_hours_per_day", "used_gpu_hours", "reserved_gpu_hours", "max_jobs", "active_jobs", "notes", "unmet_rps", "last_error", "partitions")
+    class UnmetRpsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: float
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[float] = ...) -> None: ...
+    LEADER_FIELD_NUMBER: _ClassVar[int]
+    UPDATED_UNIX_MS_FIELD_NUMBER: _ClassVar[int]
+    BUDGET_GPU_HOURS_PER_DAY_FIELD_NUMBER: _ClassVar[int]
+    USED_GPU_HOURS_FIELD_NUMBER: _ClassVar[int]
+    RESERVED_GPU_HOURS_FIELD_NUMBER: _ClassVar[int]
+    MAX_JOBS_FIELD_NUMBER: _ClassVar[int]
+    ACTIVE_JOBS_FIELD_NUMBER: _ClassVar[int]
+    NOTES_FIELD_NUMBER: _ClassVar[int]
+    UNMET_RPS_FIELD_NUMBER: _ClassVar[int]
+    LAST_ERROR_FIELD_NUMBER: _ClassVar[int]
+    PARTITIONS_FIELD_NUMBER: _ClassVar[int]
+    leader: str
+    updated_unix_ms: int
+    budget_gpu_hours_per_day: float
+    used_gpu_hours: float
+    reserved_gpu_hours: float
+    max_jobs: int
+    active_jobs: int
+    notes: _containers.RepeatedScalarFieldContainer[str]
+    unmet_rps: _containers.ScalarMap[str, float]
+    last_error: str
+    partitions: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, leader: _Optional[str] = ..., updated_unix_ms: _Optional[int] = ..., budget_gpu_hours_per_day: _Optional[float] = ..., used_gpu_hours: _Optional[float] = ..., reserved_gpu_hours: _Optional[float] = ..., max_jobs: _Optional[int] = ..., active_jobs: _Optional[int] = ..., notes: _Optional[_Iterable[str]] = ..., unmet_rps: _Optional[_Mapping[str, float]] = ..., last_error: _Optional[str] = ..., partitions: _Optional[_Iterable[str]] = ...) -> None: ...

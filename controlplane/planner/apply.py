@@ -54,6 +54,7 @@ from typing import Any, Final, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from controlplane.keys import Keys
+from controlplane.leader import Fence
 from controlplane.pb import Assignment, PlanAction, PlanRecord
 from controlplane.planner.diff import ActionKind, Plan
 from controlplane.planner.live import Assembly, ClusterConfig, LiveRecords, assemble_snapshot, read_live
@@ -331,20 +332,6 @@ def plan_from_snapshot(snapshot: Snapshot, keys: Keys, now: float, *, time_limit
 
 
 # -- applying ------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Fence:
-    """An extra guard from the caller: ``key`` still exists with this create revision and value
-    (the planner leader's key: a deposed leader's writes fail)."""
-
-    key: str
-    create_revision: int
-    value: bytes
-
-    def cmps(self) -> list[Cmp]:
-        """The compares for this fence."""
-        return [Cmp.create_revision(self.key, self.create_revision), Cmp.value(self.key, self.value)]
 
 
 def plan_record(pf: PlanFile, applied_by: str, now_ms: int, applied_at_revision: int = 0) -> PlanRecord:

@@ -17,11 +17,10 @@ follows in the next rounds: the plan is recomputed from what etcd then holds.
 
 A leader that loses its lease or its key does not campaign again for one lease TTL, so a
 standby takes over instead of the stalled process winning back at once. Winning once does not
-make a leader safe: a leader that stalls (GC pause, blocked solver, etcd
-partition) may have lost its lease while it still believes it leads. Every write of the leader
-is therefore a transaction that also compares the leader key's create revision and value with
-ours, so a deposed leader's apply fails (StalePlan naming "leadership lost") and it goes back to
-campaigning. Stopping revokes the lease, which deletes the leader key at once.
+make a leader safe (controlplane/leader.py, shared with `ctl harvest run`): every apply also
+compares the leader key's create revision and value with ours, so a deposed leader's apply fails
+(StalePlan naming "leadership lost") and it goes back to campaigning. Stopping revokes the
+lease, which deletes the leader key at once.
 
 Churn cap (``max_churn``): at most that many optional START+STOP actions per round. STOPs the
 planner would make anyway (node gone or draining, model removed, replica no longer fits) are
@@ -47,10 +46,10 @@ from dataclasses import dataclass, field, replace
 import structlog
 
 from controlplane.keys import Keys
+from controlplane.leader import Fence, Leadership, wait_lease
 from controlplane.loops import Backoff, Supervisor
 from controlplane.planner.apply import (
     MAX_TXN_OPS,
-    Fence,
     StalePlan,
     apply_plan,
     fit_transaction,
@@ -59,7 +58,7 @@ from controlplane.planner.apply import (
 from controlplane.planner.diff import Action, ActionKind, Plan, PlanningError, ReplicaKey, build_plan, keepable
 from controlplane.planner.live import ClusterConfig
 from controlplane.planner.snapshot import RunningReplica, Snapshot
-from controlplane.store import Cmp, EtcdStore, LeaseSession, Op, StoreError
+from controlplane.store import EtcdStore, LeaseSession, StoreError
 
 log = structlog.get_logger(__name__)
 
@@ -226,51 +225,37 @@ class PlannerDaemon:
         self.config = config
         self.clock = clock
         self.stats = DaemonStats()
-        self.fence: Fence | None = None
-        self._deposed_until = 0.0          # monotonic: a deposed leader lets a standby take over first
         self._stop = asyncio.Event()
+        self.leadership = Leadership(store, keys.planner_leader, config.identity, role="planner",
+                                     holdoff_s=config.lease_ttl)
         self.session = LeaseSession(store, config.lease_ttl, on_lost=self._on_lost, name="planner")
+
+    @property
+    def fence(self) -> Fence | None:
+        """The fence of our leadership term (None while not leading); see controlplane/leader.py."""
+        return self.leadership.fence
 
     @property
     def is_leader(self) -> bool:
         """True while this daemon believes it holds the leader key (writes are fenced regardless)."""
-        return self.fence is not None
+        return self.leadership.is_leader
 
     def stop(self) -> None:
         """Ask `run` to return (it revokes the lease, so another planner takes over at once)."""
         self._stop.set()
 
-    def _deposed(self) -> None:
-        # A leader deposed because it stalled is likely to stall again: for one lease TTL it does not
-        # campaign, so a healthy standby (campaigning every ttl/3) takes over.
-        self.fence = None
-        self._deposed_until = time.monotonic() + self.config.lease_ttl
-
     async def _on_lost(self) -> None:
-        if self.fence is not None:
-            log.warning("planner lease lost; no longer leader", identity=self.config.identity)
-            self._deposed()
+        self.leadership.lost()
 
     async def campaign(self, lease_id: int) -> bool:
         """Put the leader key if absent, on our lease; True when we now lead."""
-        key, me = self.keys.planner_leader, self.config.identity.encode()
-        ok, rev = await self.store.txn([Cmp.absent(key)], [Op.put(key, me, lease=lease_id)])
-        if ok:
-            self.fence = Fence(key, rev, me)
-            self.stats.terms += 1
-            log.info("became planner leader", identity=self.config.identity, revision=rev)
+        ok = await self.leadership.campaign(lease_id)
+        self.stats.terms = self.leadership.terms
         return ok
 
     async def still_leader(self) -> bool:
         """Re-read the leader key; drop leadership when it is no longer ours."""
-        if self.fence is None:
-            return False
-        kv = await self.store.get(self.fence.key)
-        if kv is None or kv.create_revision != self.fence.create_revision or kv.value != self.fence.value:
-            log.warning("planner leadership lost", identity=self.config.identity,
-                        holder=kv.value.decode(errors="replace") if kv else None)
-            self._deposed()
-        return self.fence is not None
+        return await self.leadership.still_leader()
 
     def _cap(self, snapshot: Snapshot, now: float, plan: Plan) -> Plan:
         """The churn cap of the round: --max-churn, lowered to what one transaction holds."""
@@ -313,7 +298,7 @@ class PlannerDaemon:
             lease = await self._wait_lease()
             if lease == 0:
                 return 0.0   # _wait_lease waited a second already
-            if self.fence is None and (wait := self._deposed_until - time.monotonic()) > 0:
+            if self.fence is None and (wait := self.leadership.holdoff_left()) > 0:
                 return min(wait, cfg.lease_ttl / 3)
             if self.fence is None and not await self.campaign(lease):
                 return min(cfg.interval_s, cfg.lease_ttl / 3)
@@ -341,14 +326,11 @@ class PlannerDaemon:
                                backoff=Backoff(base_s=0.5, max_s=cfg.max_backoff_s))
                 await self._stop.wait()
         finally:
-            self.fence = None
+            self.leadership.fence = None
             await self.session.close(revoke=True)
 
     async def _wait_lease(self) -> int:
-        try:
-            return await self.session.wait_alive(timeout=1.0)
-        except TimeoutError:
-            return 0
+        return await wait_lease(self.session)
 
     async def _safe_still_leader(self) -> bool:
         try:

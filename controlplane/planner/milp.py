@@ -33,6 +33,7 @@ import pulp
 import structlog
 
 from controlplane.planner.diff import ReplicaKey
+from controlplane.planner.obtainable import ObtainableSpec, add_obtainable, read_obtained
 from controlplane.planner.snapshot import Snapshot, ThroughputTable, gpu_type_allowed, tenant_allowed, tp_options
 
 log = structlog.get_logger(__name__)
@@ -79,6 +80,10 @@ class Solution:
     starts: dict[tuple[int, ReplicaKey], int]  # (unit index, key) -> new replicas
     keeps: dict[tuple[int, int], int]  # (unit index, keep group index) -> replicas kept
     spread: dict[tuple[int, str], int]  # (unit index, model) -> distinct nodes promised
+    # with obtainable capacity (obtainable.py): (class index, key) -> replicas, class index -> jobs
+    obtained: dict[tuple[int, ReplicaKey], int] = field(default_factory=dict)
+    jobs: dict[int, int] = field(default_factory=dict)
+    unmet: dict[str, float] = field(default_factory=dict)  # model -> requests/s left unserved
 
 
 class _Builder:
@@ -99,9 +104,12 @@ class _Builder:
 
 
 def solve_units(
-    snapshot: Snapshot, units: list[Unit], *, constant: float, budget: float | None, time_limit_s: float, mip_gap: float
+    snapshot: Snapshot, units: list[Unit], *, constant: float, budget: float | None, time_limit_s: float,
+    mip_gap: float, obtainable: ObtainableSpec | None = None,
 ) -> Solution | None:
-    """Build and solve the MILP; None when the solver found no solution in time."""
+    """Build and solve the MILP; None when the solver found no solution in time.
+
+    ``obtainable``: capacity that could be acquired, decided in the same model (obtainable.py)."""
     w = snapshot.weights
     table = ThroughputTable(snapshot)
     b = _Builder()
@@ -161,8 +169,11 @@ def solve_units(
                     model_terms[model.name].append(xv)
             _packing_rows(b.prob, unit, bins, groups, new_vars, k, ui)
 
+    cols = (add_obtainable(b.prob, b.objective, b.start, b.var, snapshot, table, obtainable, rps_terms, model_terms,
+                           budget_terms) if obtainable is not None else None)
+    unmet_vars: dict[str, pulp.LpVariable] = {}
     spread = _demand_and_replica_rows(snapshot, b, units, rps_terms, unit_terms, kept_terms, model_terms, kept_rps,
-                                      kept_nodes)
+                                      kept_nodes, unmet_vars)
     if budget is not None and budget_terms:
         b.prob += pulp.LpAffineExpression(budget_terms) <= budget
     total_constant = constant + churn_constant
@@ -173,6 +184,7 @@ def solve_units(
     if b.prob.sol_status not in (pulp.LpSolutionOptimal, pulp.LpSolutionIntegerFeasible):
         return None
     log.debug("planner.solved", variables=len(b.start), units=len(units), status=b.prob.sol_status)
+    obtained, jobs = read_obtained(cols) if cols is not None else ({}, {})
     return Solution(
         status="optimal" if b.prob.sol_status == pulp.LpSolutionOptimal else "feasible",
         objective=float(pulp.value(b.prob.objective)),
@@ -180,6 +192,7 @@ def solve_units(
         starts={key: round(v.varValue or 0.0) for key, v in x.items() if (v.varValue or 0.0) > 0.5},
         keeps={key: round(v.varValue or 0.0) for key, v in k.items()},
         spread={key: round(v.varValue or 0.0) for key, v in spread.items() if (v.varValue or 0.0) > 0.5},
+        obtained=obtained, jobs=jobs, unmet={m: float(v.varValue or 0.0) for m, v in unmet_vars.items()},
     )
 
 
@@ -218,6 +231,7 @@ def _demand_and_replica_rows(
     model_terms: dict[str, list[pulp.LpVariable]],
     kept_rps: dict[str, float],
     kept_nodes: dict[tuple[int, str], set[str]],
+    unmet_out: dict[str, pulp.LpVariable] | None = None,
 ) -> dict[tuple[int, str], pulp.LpVariable]:
     w = snapshot.weights
     spread: dict[tuple[int, str], pulp.LpVariable] = {}
@@ -228,6 +242,8 @@ def _demand_and_replica_rows(
             unmet = b.var(0, demand, False, warm=max(0.0, demand - kept_rps[model.name]))
             b.prob += pulp.LpAffineExpression(rps_terms[model.name]) + unmet >= demand
             b.objective[unmet] += w.unmet_demand_penalty
+            if unmet_out is not None:
+                unmet_out[model.name] = unmet
         if model.max_replicas and model_terms[model.name]:
             b.prob += pulp.lpSum(model_terms[model.name]) <= model.max_replicas
         if model.min_replicas == 0:

@@ -42,7 +42,7 @@ from __future__ import annotations
 
 import time
 from collections import Counter, defaultdict
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import structlog
 
@@ -57,6 +57,7 @@ from controlplane.planner.diff import (
     replica_gpu_type,
 )
 from controlplane.planner.milp import KeepGroup, Solution, Unit, solve_units
+from controlplane.planner.obtainable import AcquiredJob, ObtainableSpec, bind_obtainable
 from controlplane.planner.snapshot import NodeInfo, Snapshot
 
 log = structlog.get_logger(__name__)
@@ -101,6 +102,44 @@ def compute_plan(
     ``no_solution``). `mip_gap` is the relative optimality gap accepted (0 = prove optimal).
     `group_identical_nodes=False` models every node singly (slow; for tests of the aggregation).
     """
+    return _compute(snapshot, now, time_limit_s=time_limit_s, mip_gap=mip_gap,
+                    group_identical_nodes=group_identical_nodes, max_single_nodes=max_single_nodes)[0]
+
+
+@dataclass(frozen=True)
+class PlanWithAcquisitions:
+    """`plan_with_obtainable`'s answer: the pool's plan and the jobs to acquire, from one MILP."""
+
+    plan: Plan                       # placement on the pool's own nodes (acquired replicas not in it)
+    jobs: tuple[AcquiredJob, ...]    # what to acquire, with the replicas the MILP put on each
+    unmet_rps: dict[str, float]      # demand left unserved with the acquisitions (solver's unmet)
+    objective: float | None = None   # the joint MILP's objective (pool + acquisitions); None: no solution
+
+
+def plan_with_obtainable(
+    snapshot: Snapshot,
+    now: float,
+    obtainable: ObtainableSpec,
+    *,
+    time_limit_s: float = 10.0,
+    mip_gap: float = DEFAULT_MIP_GAP,
+    max_single_nodes: int = DEFAULT_MAX_SINGLE_NODES,
+) -> PlanWithAcquisitions:
+    """`compute_plan` with capacity that could be acquired next to the pool's (obtainable.py):
+    acquiring and placing are one decision, under the obtainable budget and job limits."""
+    plan, solution = _compute(snapshot, now, time_limit_s=time_limit_s, mip_gap=mip_gap, group_identical_nodes=True,
+                              max_single_nodes=max_single_nodes, obtainable=obtainable)
+    if solution is None:
+        unmet = {m: c.demand_rps - c.served_rps for m, c in plan.coverage.items() if c.demand_rps > c.served_rps}
+        return PlanWithAcquisitions(plan, (), unmet)
+    jobs = tuple(bind_obtainable(obtainable, solution.obtained, solution.jobs))
+    # the solver's objective includes the acquisitions; the plan's own covers the pool's nodes only
+    return PlanWithAcquisitions(replace(plan, solver_objective=None), jobs,
+                                {m: u for m, u in solution.unmet.items() if u > 1e-9}, solution.objective)
+
+
+def _compute(snapshot: Snapshot, now: float, *, time_limit_s: float, mip_gap: float, group_identical_nodes: bool,
+             max_single_nodes: int, obtainable: ObtainableSpec | None = None) -> tuple[Plan, Solution | None]:
     started = time.perf_counter()
     deadline = started + time_limit_s
     frame = _frame(snapshot, now)
@@ -121,14 +160,16 @@ def compute_plan(
             budget=budget,
             time_limit_s=max(0.05, deadline - time.perf_counter()),
             mip_gap=mip_gap,
+            obtainable=obtainable,
         )
         if solution is None:
             placement = _merge(frame.fixed, frame.running)
             notes.append("solver found no solution within the time limit; keeping every keepable replica")
-            return _finish(snapshot, now, placement, "no_solution", started, notes, None)
+            return _finish(snapshot, now, placement, "no_solution", started, notes, None), None
         placement, failed = _bind(snapshot, units, solution)
         if not failed:
-            return _finish(snapshot, now, _merge(frame.fixed, placement), solution.status, started, notes, solution)
+            plan = _finish(snapshot, now, _merge(frame.fixed, placement), solution.status, started, notes, solution)
+            return plan, solution
         log.info("planner.regroup", round=round_no, split_nodes=len(failed))
         split.update(failed if round_no < _MAX_REGROUP_ROUNDS else {n.node_id for n in frame.eligible})
     raise PlanningError("unreachable: the last round models every node singly")  # pragma: no cover
