@@ -43,7 +43,7 @@ CLUSTER = {"gpu_types": {"A100-80GB": {"price_per_hour": 2.0, "relative_speed": 
 
 
 async def ready_nodes(store: EtcdStore, keys: Keys) -> set[str]:
-    kvs, _ = await store.list_prefix(keys.instances)
+    kvs, _ = await store.list_prefix(keys.tenant("default") + "instances/")
     return {r.node_id for r in (decode(InstanceRecord, kv) for kv in kvs) if r.state == InstanceState.READY}
 
 
@@ -74,7 +74,8 @@ async def test_preempted_pool_job_drains_within_the_grace_and_its_replica_moves(
             "LEASE_TTL": "4", "DRAIN_GRACE": str(DRAIN_GRACE), "SIM_OPTIONS": "ttft_ms=5",
             "LOG_DIR": str(tmp_path / "engines"), "CTL": str(Path(sys.executable).parent / "ctl")},
             ("--gres=gpu:rtx4090:1", "--time=5"))
-        await eventually(lambda: store.get(keys.node("slurm-pool")), timeout=30, what="the Slurm job's agent")
+        await eventually(lambda: store.get(keys.for_tenant("default").node("slurm-pool")), timeout=30,
+                         what="the Slurm job's agent")
         procs.append(spawn([*CTL, "planner", "run", "--etcd", ep, "--etcd-prefix", prefix, "--cluster",
                             str(tmp_path / "cluster.yaml"), "--interval", "1", "--lease-ttl", "4"],
                            tmp_path / "planner.log"))
@@ -83,7 +84,8 @@ async def test_preempted_pool_job_drains_within_the_grace_and_its_replica_moves(
             return await ready_nodes(store, keys) == nodes
         await eventually(lambda: on({"backup-1", "slurm-pool"}), timeout=40, interval=0.2, what="two replicas")
         procs.append(pool_agent(ep, prefix, tmp_path, "backup-2", "1xA100-80GB"))
-        await eventually(lambda: store.get(keys.node("backup-2")), timeout=20, what="backup-2 registered")
+        await eventually(lambda: store.get(keys.for_tenant("default").node("backup-2")), timeout=20,
+                         what="backup-2 registered")
 
         stop, ok, failed, errors = asyncio.Event(), [0], [0], []
 
@@ -110,7 +112,7 @@ async def test_preempted_pool_job_drains_within_the_grace_and_its_replica_moves(
 
         async def gone() -> bool:
             left = "slurm-pool" not in await ready_nodes(store, keys)
-            return left and await store.get(keys.node("slurm-pool")) is None
+            return left and await store.get(keys.for_tenant("default").node("slurm-pool")) is None
         await eventually(gone, timeout=DRAIN_GRACE + 10, interval=0.05, what="the preempted node's records gone")
         gone_s = time.monotonic() - signalled
         await eventually(lambda: on({"backup-1", "backup-2"}), timeout=20, interval=0.1, what="re-placed")
