@@ -11,6 +11,7 @@ from controlplane.pb.records_pb2 import (
     Gpu,
     InstanceRecord,
     InstanceState,
+    KeyLoad,
     ModelAccess,
     ModelSpec,
     NodeControl,
@@ -19,6 +20,8 @@ from controlplane.pb.records_pb2 import (
     PlanRecord,
     SlurmJob,
     Usage,
+    UsageBlock,
+    UsageCell,
 )
 
 __all__ = [
@@ -29,6 +32,7 @@ __all__ = [
     "Gpu",
     "InstanceRecord",
     "InstanceState",
+    "KeyLoad",
     "ModelAccess",
     "ModelSpec",
     "NodeControl",
@@ -37,4 +41,6 @@ __all__ = [
     "PlanRecord",
     "SlurmJob",
     "Usage",
+    "UsageBlock",
+    "UsageCell",
 ]
