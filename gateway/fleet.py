@@ -133,7 +133,6 @@ class FleetMember:
         for d in demand.values():
             d.ClearField("gateway_id")       # it is this record's
             d.ClearField("updated_unix_ms")
-            d.ClearField("window_seconds")
         return GatewayRecord(gateway_id=self.gateway_id, address=self.address, started_unix_ms=self.started_ms,
                              usage_writer=self.usage.writer, updated_unix_ms=now_ms,
                              demand=[demand[m] for m in sorted(demand)], keys=self.limiter.loads(time.monotonic()),

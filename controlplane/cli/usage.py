@@ -56,8 +56,7 @@ Examples:
   ctl usage compact --dry-run                 # what the fleet's compactor would fold now
 """
 
-usage_app = typer.Typer(help="Usage per key and model, day, model or owner, summed over every gateway.",
-                        invoke_without_command=True)
+usage_app = typer.Typer(invoke_without_command=True, epilog=EXAMPLE)
 app.add_typer(usage_app, name="usage")
 
 COLUMNS = {"key": ["owner", "key_id", "model"], "day": ["day"], "model": ["model"], "owner": ["owner"]}
@@ -80,11 +79,13 @@ async def _read(config: EtcdConfig) -> UsageRead:
         await store.close()
 
 
-@usage_app.callback(epilog=EXAMPLE)
+@usage_app.callback()
 def usage(
     ctx: typer.Context,
-    since: Annotated[str | None, typer.Option("--since", help=f"Only usage from this UTC day on: {SINCE_FORMS}.")] = None,
-    by: Annotated[str, typer.Option("--by", help="Sum per: key (key and model; the default), day, model or owner.")] = "key",
+    since: Annotated[str | None, typer.Option("--since", help=f"Only usage from this UTC day on: "
+                                              f"{SINCE_FORMS}.")] = None,
+    by: Annotated[str, typer.Option("--by", help="Sum per: key (key and model; the default), day, model "
+                                    "or owner.")] = "key",
     key: Annotated[str | None, typer.Option("--key", help="Only this key id (a prefix is enough).")] = None,
     owner: Annotated[str | None, typer.Option("--owner", help="Only keys of this owner.")] = None,
     model: Annotated[str | None, typer.Option("--model", help="Only this model.")] = None,
