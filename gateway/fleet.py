@@ -62,7 +62,8 @@ class FleetMember:
     """This gateway's registration, fleet watch, and periodic record, usage and compaction writes."""
 
     def __init__(self, store: EtcdStore, keys: Keys, gateway_id: str, address: str, settings: FleetSettings,
-                 usage: UsageBook, demand: DemandMeter, limiter: RateLimiter) -> None:
+                 usage: UsageBook, demand: DemandMeter, limiter: RateLimiter,
+                 clock: Callable[[], float] = time.time) -> None:
         self.store = store
         self.keys = keys
         self.gateway_id = gateway_id
@@ -71,6 +72,7 @@ class FleetMember:
         self.usage = usage
         self.demand = demand
         self.limiter = limiter
+        self.clock = clock                      # wall clock: usage days, record times, compaction
         self.size = 1
         self.started_ms = int(time.time() * 1000)
         self.session = LeaseSession(store, settings.lease_ttl_s, on_granted=self._register, on_lost=self._lost,
@@ -192,7 +194,7 @@ class FleetMember:
                 written = await self._write(self.usage.pending(None if final else s.usage_max_parts, final=final))
                 if written < 0:
                     raise TxnConflict("usage parts changed under us twice in a row; retrying")
-        self.usage.drop_finished(day_of(time.time()))
+        self.usage.drop_finished(day_of(self.clock()))
         return max(s.usage_flush_s, written / max(1, s.usage_bytes_per_s))
 
     async def _write(self, writes: list[PartWrite]) -> int:
@@ -200,7 +202,7 @@ class FleetMember:
         every part of it is reconciled with what etcd holds)."""
         if not writes:
             return 0
-        now_ms = int(time.time() * 1000)
+        now_ms = int(self.clock() * 1000)
         keys = [self.keys.usage_writer_part(self.usage.writer, w.day, w.part) for w in writes]
         values = [w.record(self.usage.writer, self.gateway_id, now_ms).SerializeToString() for w in writes]
         try:
@@ -236,7 +238,7 @@ class FleetMember:
             return
         if not await self.leadership.still_leader() or self.leadership.fence is None:
             return
-        self.last_compaction = await compact_usage(self.store, self.keys, time.time(), self.settings.compact,
+        self.last_compaction = await compact_usage(self.store, self.keys, self.clock(), self.settings.compact,
                                                    fence=self.leadership.fence)
         for problem in self.last_compaction.undecodable:
             log.error("usage record does not decode; left as it is (not counted by ctl usage)", problem=problem)

@@ -12,10 +12,11 @@ pinned ``--id`` or not) never overwrites what an earlier process wrote: the flee
 folds that into ``accounting/merged/`` (controlplane/accounting/compact.py).
 
 Every write is a compare-and-swap on the mod revision of the part's last confirmed write. When
-the compare fails, the caller reads the key and ``resolve`` reconciles: what etcd holds now
-replaces what we last wrote, and only our increments since are added on top
-(``current := current - written + found``), so a fold by the compactor, a write whose answer was
-lost, or a day recreated after a clock step never counts anything twice or not at all. A day is
+the compare fails, the caller reads the key and ``resolve`` reconciles with what etcd holds:
+our own write whose answer was lost (recognised by its ``seq``), what the compactor left of one of
+our writes after folding it (``folded``: we subtract exactly what it moved), or anything else
+(kept, with only our increments since our last write added on top), so a fold, a lost answer or
+a day recreated after a clock step never counts anything twice or not at all. A day is
 dropped from memory once it is over and written (``drop_finished``). Both classes are pure: the
 caller passes the clock.
 """
@@ -46,6 +47,7 @@ class _Part:
     current: Block = field(default_factory=Block)
     written: Block = field(default_factory=Block)      # the contents of our last confirmed write
     mod_revision: int = 0                               # of that write; 0: nothing of ours there
+    written_seq: int = 0                                # its seq
     dirty: bool = False
     last_write: float = 0.0                             # clock of the last confirmed write
     size: int = 0                                       # estimated bytes (closes at PART_BYTES)
@@ -149,7 +151,7 @@ class UsageBook:
         """These writes were committed at ``revision``."""
         for w in writes:
             part = self.days[w.day].parts[w.part]
-            part.written, part.mod_revision, part.last_write = w.block, revision, now
+            part.written, part.written_seq, part.mod_revision, part.last_write = w.block, w.seq, revision, now
             part.attempts.clear()
             part.dirty = _changed(part.current, w.block)
 
@@ -167,14 +169,21 @@ class UsageBook:
         Returns False when ``found`` is not ours (another writer's record under our key)."""
         part = self.days[w.day].parts[w.part]
         ours = found is None or found.writer == self.writer
-        sent = part.attempts.get(found.seq) if found is not None and ours else None
-        if sent is not None:
-            part.written = sent                    # a write whose answer was lost did commit
-        else:
-            held = decode(found) if found is not None else Block()
-            part.current.subtract(part.written)    # etcd no longer holds what we wrote (folded) ...
-            part.current.add(held)                 # ... but holds this: keep it, add our increments
-            part.written = held
+        held = decode(found) if found is not None else Block()
+        base: Block | None = None          # the contents of our write that ``found`` derives from
+        if found is not None and ours and found.seq:
+            base = part.attempts.get(found.seq)
+            if base is None and found.seq == part.written_seq:
+                base = part.written
+        if base is not None and found is not None and found.folded:
+            part.current.subtract(base)    # the compactor moved write `seq` into merged/ ...
+            part.current.add(held)         # ... except what it left here
+        elif base is not None:
+            held = base                    # a write whose answer was lost did commit
+        else:                              # anything else: keep what etcd holds, add our increments
+            part.current.subtract(part.written)
+            part.current.add(held)
+        part.written, part.written_seq = held, found.seq if found is not None else 0
         part.mod_revision = mod_revision if found is not None else 0
         part.attempts.clear()
         part.dirty = True

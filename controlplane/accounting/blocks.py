@@ -165,7 +165,7 @@ def days_before(unix_s: float, days: int) -> str:
 
 
 def encode(block: Block, *, period: str, writer: str = "", gateway_id: str = "", updated_unix_ms: int = 0,
-           seq: int = 0, final: bool = False) -> UsageBlock:
+           seq: int = 0, final: bool = False, folded: bool = False) -> UsageBlock:
     """The UsageBlock of ``block`` (string tables sorted, so equal blocks encode to equal bytes)."""
     key_ids = sorted({k for k, _ in block.cells})
     models = sorted({m for _, m in block.cells})
@@ -176,7 +176,7 @@ def encode(block: Block, *, period: str, writer: str = "", gateway_id: str = "",
              for (k, m), c in sorted(block.cells.items())]
     return UsageBlock(period=period, writer=writer, gateway_id=gateway_id, updated_unix_ms=updated_unix_ms, seq=seq,
                       key_ids=key_ids, owners=[block.owners.get(k, "") for k in key_ids], models=models, cells=cells,
-                      final=final)
+                      final=final, folded=folded)
 
 
 def decode(msg: UsageBlock) -> Block:

@@ -13,7 +13,12 @@ whoever runs it and however many compactors race. Rules (``plan_sources``):
 
 * a writer's record (``writers/<w>/<day>/<p>``) goes to ``merged/<day>`` when the writer is gone
   (no live GatewayRecord names it) and either wrote ``final`` on a clean stop or has been silent
-  for ``grace_s``; and, live or not, once its day is two days old (gateways only write today);
+  for ``grace_s``; and, live or not, once its day is two days old (gateways only write today).
+  Its key is not deleted but left as a *tombstone*: no counts, ``folded`` set, the folded write's
+  ``seq`` kept. A writer that was only cut off (and wrongly looked gone) then learns exactly which
+  of its writes was folded, even one whose answer it never got, and counts nothing twice.
+  Tombstones are deleted after ``tombstone_s`` (a day): a writer cut off longer than that may
+  count its last unanswered write twice (docs/etcd-layout.md);
 * a merged day older than ``keep_days`` goes to ``merged/<month>`` (so are sources that old);
 * a legacy ``usage/<key>/<model>/<gateway>`` record goes to the merged day it was last updated
   once its gateway has no GatewayRecord and every live gateway is new (an old gateway rewrites
@@ -28,6 +33,7 @@ from dataclasses import dataclass, field
 import structlog
 
 from controlplane.accounting.blocks import (
+    PART_BYTES,
     TXN_BYTES,
     Block,
     BlockError,
@@ -55,6 +61,7 @@ class CompactSettings:
 
     keep_days: int = 40             # merged days older than this become months
     grace_s: float = 600.0          # a gone writer's (or legacy) record silent this long is folded
+    tombstone_s: float = 86400.0    # a folded writer record stays (empty) this long
     max_txns: int = 200             # per run: the rest waits for the next run
 
 
@@ -70,6 +77,8 @@ class StoredBlock:
     mod_revision: int
     updated_unix_ms: int = 0
     final: bool = False
+    seq: int = 0
+    folded: bool = False
 
 
 @dataclass(slots=True)
@@ -96,6 +105,7 @@ class Source:
     why: str
     period: str = ""
     writer: str = ""
+    seq: int = 0          # a writer record's write sequence number (kept in its tombstone)
 
 
 @dataclass(frozen=True, slots=True)
@@ -120,6 +130,8 @@ def plan_sources(view: UsageView, now_s: float, settings: CompactSettings) -> li
     two_days_ago = days_before(now_s, 2)
     silent_before_ms = (now_s - settings.grace_s) * 1000
     for sb in view.writers:
+        if sb.folded and not len(sb.block):
+            continue     # a tombstone: see expired_tombstones
         gone = sb.writer not in view.live_writers
         why = ""
         if gone and (sb.final or sb.updated_unix_ms < silent_before_ms):
@@ -128,7 +140,7 @@ def plan_sources(view: UsageView, now_s: float, settings: CompactSettings) -> li
             why = "day over"
         if why:
             out.append(Source(sb.key, sb.block, sb.mod_revision, target_period(sb.period, now_s, settings.keep_days),
-                              why, sb.period, sb.writer))
+                              why, sb.period, sb.writer, sb.seq))
     if view.old_gateways == 0:
         for kv, rec in view.legacy:
             if rec.gateway_id in view.live_gateways or rec.updated_unix_ms >= silent_before_ms:
@@ -145,7 +157,14 @@ def plan_sources(view: UsageView, now_s: float, settings: CompactSettings) -> li
     return sorted(out, key=lambda s: (s.target, s.key))
 
 
-def fold_step(source: Source, targets: Mapping[int, StoredBlock], txn_bytes: int = TXN_BYTES) -> FoldStep:
+def expired_tombstones(view: UsageView, now_s: float, settings: CompactSettings) -> list[StoredBlock]:
+    """Tombstones older than ``tombstone_s`` (pure): deleted by the next run."""
+    before_ms = (now_s - settings.tombstone_s) * 1000
+    return [sb for sb in view.writers if sb.folded and not len(sb.block) and sb.updated_unix_ms < before_ms]
+
+
+def fold_step(source: Source, targets: Mapping[int, StoredBlock], txn_bytes: int = TXN_BYTES,
+              part_bytes: int = PART_BYTES) -> FoldStep:
     """The next transaction moving (part of) ``source`` into the target parts (pure).
 
     Whole target parts are taken in order while the bytes written stay within ``txn_bytes`` (at
@@ -153,7 +172,7 @@ def fold_step(source: Source, targets: Mapping[int, StoredBlock], txn_bytes: int
     back and moved by the next step.
     """
     current = {i: sb.block for i, sb in targets.items()}
-    where = place(current, sorted(source.block.cells))
+    where = place(current, sorted(source.block.cells), part_bytes)
     rest = source.block.copy()
     puts: list[tuple[int, Block]] = []
     budget = txn_bytes
@@ -177,6 +196,7 @@ class CompactReport:
     """What one compaction run did."""
 
     folded: list[tuple[str, str, str]] = field(default_factory=list)   # (source key, target period, why)
+    tombstones_removed: int = 0
     transactions: int = 0
     conflicts: int = 0
     undecodable: list[str] = field(default_factory=list)
@@ -212,7 +232,7 @@ async def read_view(store: EtcdStore, keys: Keys) -> UsageView:
             view.undecodable.append(f"{kv.key}: {exc}")
             continue
         sb = StoredBlock(kv.key, where.period, where.part, where.writer, block, kv.mod_revision,
-                         msg.updated_unix_ms, msg.final)
+                         msg.updated_unix_ms, msg.final, msg.seq, msg.folded)
         if where.writer:
             view.writers.append(sb)
         else:
@@ -232,27 +252,35 @@ async def compact_usage(store: EtcdStore, keys: Keys, now_s: float, settings: Co
     view = await read_view(store, keys)
     report = CompactReport(undecodable=list(view.undecodable))
     sources = plan_sources(view, now_s, settings)
+    expired = expired_tombstones(view, now_s, settings)
     if dry_run:
         report.folded = [(s.key, s.target, s.why) for s in sources]
+        report.tombstones_removed = len(expired)
         return report
+    for sb in expired[:settings.max_txns]:
+        ok, _ = await store.txn([Cmp.mod_revision(sb.key, sb.mod_revision), *(fence.cmps() if fence else [])],
+                                [Op.delete(sb.key)])
+        report.transactions += 1
+        report.tombstones_removed += ok
     for n, source in enumerate(sources):
         if report.transactions >= settings.max_txns:
             report.pending = len(sources) - n
             break
-        moved = await _fold(store, keys, source, view.merged.setdefault(source.target, {}), fence, report)
+        moved = await _fold(store, keys, source, view.merged.setdefault(source.target, {}), fence, report,
+                            int(now_s * 1000))
         if not moved:
             report.conflicts += 1
             report.pending = len(sources) - n
             break   # the state moved under us: the next run lists again
         report.folded.append((source.key, source.target, source.why))
-    if report.folded:
+    if report.folded or report.tombstones_removed:
         log.info("usage compacted", folded=len(report.folded), transactions=report.transactions,
-                 pending=report.pending)
+                 tombstones_removed=report.tombstones_removed, pending=report.pending)
     return report
 
 
 async def _fold(store: EtcdStore, keys: Keys, source: Source, targets: dict[int, StoredBlock],
-                fence: Fence | None, report: CompactReport) -> bool:
+                fence: Fence | None, report: CompactReport, now_ms: int) -> bool:
     """Move ``source`` into ``targets`` (updated in place as the transactions commit)."""
     while True:
         step = fold_step(source, targets)
@@ -262,11 +290,14 @@ async def _fold(store: EtcdStore, keys: Keys, source: Source, targets: dict[int,
             key = keys.usage_merged_part(source.target, idx)
             compares.append(Cmp.mod_revision(key, targets[idx].mod_revision if idx in targets else 0))
             ops.append(Op.put(key, encode(block, period=source.target).SerializeToString()))
-        if step.source_rest is None:
+        if source.writer:      # what is left of the writer's write `seq` (nothing: a tombstone)
+            ops.append(Op.put(source.key, encode(step.source_rest or Block(), period=source.period,
+                                                 writer=source.writer, seq=source.seq, folded=True,
+                                                 updated_unix_ms=now_ms).SerializeToString()))
+        elif step.source_rest is None:
             ops.append(Op.delete(source.key))
         else:
-            ops.append(Op.put(source.key, encode(step.source_rest, period=source.period,
-                                                 writer=source.writer).SerializeToString()))
+            ops.append(Op.put(source.key, encode(step.source_rest, period=source.period).SerializeToString()))
         if fence is not None:
             compares += fence.cmps()
         ok, rev = await store.txn(compares, ops)
@@ -278,4 +309,5 @@ async def _fold(store: EtcdStore, keys: Keys, source: Source, targets: dict[int,
         if step.source_rest is None:
             return True
         # a source folded in several steps shrinks in place (a legacy record is one cell: moved whole)
-        source = Source(source.key, step.source_rest, rev, source.target, source.why, source.period, source.writer)
+        source = Source(source.key, step.source_rest, rev, source.target, source.why, source.period, source.writer,
+                        source.seq)

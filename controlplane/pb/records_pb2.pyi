@@ -324,7 +324,7 @@ class UsageCell(_message.Message):
     def __init__(self, key: _Optional[int] = ..., model: _Optional[int] = ..., requests: _Optional[int] = ..., prompt_tokens: _Optional[int] = ..., completion_tokens: _Optional[int] = ..., errors: _Optional[int] = ...) -> None: ...
 
 class UsageBlock(_message.Message):
-    __slots__ = ("period", "writer", "gateway_id", "updated_unix_ms", "seq", "key_ids", "owners", "models", "cells", "final")
+    __slots__ = ("period", "writer", "gateway_id", "updated_unix_ms", "seq", "key_ids", "owners", "models", "cells", "final", "folded")
     PERIOD_FIELD_NUMBER: _ClassVar[int]
     WRITER_FIELD_NUMBER: _ClassVar[int]
     GATEWAY_ID_FIELD_NUMBER: _ClassVar[int]
@@ -335,6 +335,7 @@ class UsageBlock(_message.Message):
     MODELS_FIELD_NUMBER: _ClassVar[int]
     CELLS_FIELD_NUMBER: _ClassVar[int]
     FINAL_FIELD_NUMBER: _ClassVar[int]
+    FOLDED_FIELD_NUMBER: _ClassVar[int]
     period: str
     writer: str
     gateway_id: str
@@ -345,7 +346,8 @@ class UsageBlock(_message.Message):
     models: _containers.RepeatedScalarFieldContainer[str]
     cells: _containers.RepeatedCompositeFieldContainer[UsageCell]
     final: bool
-    def __init__(self, period: _Optional[str] = ..., writer: _Optional[str] = ..., gateway_id: _Optional[str] = ..., updated_unix_ms: _Optional[int] = ..., seq: _Optional[int] = ..., key_ids: _Optional[_Iterable[str]] = ..., owners: _Optional[_Iterable[str]] = ..., models: _Optional[_Iterable[str]] = ..., cells: _Optional[_Iterable[_Union[UsageCell, _Mapping]]] = ..., final: _Optional[bool] = ...) -> None: ...
+    folded: bool
+    def __init__(self, period: _Optional[str] = ..., writer: _Optional[str] = ..., gateway_id: _Optional[str] = ..., updated_unix_ms: _Optional[int] = ..., seq: _Optional[int] = ..., key_ids: _Optional[_Iterable[str]] = ..., owners: _Optional[_Iterable[str]] = ..., models: _Optional[_Iterable[str]] = ..., cells: _Optional[_Iterable[_Union[UsageCell, _Mapping]]] = ..., final: _Optional[bool] = ..., folded: _Optional[bool] = ...) -> None: ...
 
 class NodeControl(_message.Message):
     __slots__ = ("node_id", "drain", "reason", "requested_unix_ms", "requested_by")
