@@ -102,7 +102,8 @@ def usage(
     Days are UTC; usage older than the gateways' --usage-keep-days is kept per month, and a month
     that --since cuts is counted whole (a warning says so).
     """
-    if ctx.invoked_subcommand is not None:
+    if ctx.invoked_subcommand is not None:   # `ctl usage --etcd X compact`: the subcommand uses these too
+        ctx.obj = (etcd, etcd_prefix, etcd_cacert, etcd_cert, etcd_key, etcd_user)
         return
     if by not in GROUPINGS:
         fail(f"unknown --by {by!r}: accepted values are {', '.join(GROUPINGS)}", ExitCode.USAGE)
@@ -140,6 +141,7 @@ def usage(
 
 @usage_app.command(epilog="Example:  ctl usage compact --dry-run   |   ctl usage compact --keep-days 60 -o json")
 def compact(
+    ctx: typer.Context,
     keep_days: Annotated[int, typer.Option("--keep-days", min=3, help="Merged days older than this become months "
                                            "(use the gateways' --usage-keep-days).")] = 40,
     grace: Annotated[float, typer.Option("--grace", min=0, help="Seconds a stopped gateway's records must have been "
@@ -158,7 +160,9 @@ def compact(
     The elected gateway does this every --usage-compact-interval; running it by hand is safe at any
     time (every fold is one guarded transaction; a race with the gateway just retries later).
     """
-    config = etcd_config(etcd, etcd_prefix, etcd_cacert, etcd_cert, etcd_key, etcd_user)
+    given = (etcd, etcd_prefix, etcd_cacert, etcd_cert, etcd_key, etcd_user)
+    parent = ctx.obj if isinstance(ctx.obj, tuple) else (None,) * 6
+    config = etcd_config(*(mine if mine is not None else theirs for mine, theirs in zip(given, parent, strict=True)))
     settings = CompactSettings(keep_days=keep_days, grace_s=grace, max_txns=100_000)
 
     async def run() -> CompactReport:
