@@ -160,9 +160,9 @@ def compact(
     The elected gateway does this every --usage-compact-interval; running it by hand is safe at any
     time (every fold is one guarded transaction; a race with the gateway just retries later).
     """
-    given = (etcd, etcd_prefix, etcd_cacert, etcd_cert, etcd_key, etcd_user)
-    parent = ctx.obj if isinstance(ctx.obj, tuple) else (None,) * 6
-    config = etcd_config(*(mine if mine is not None else theirs for mine, theirs in zip(given, parent, strict=True)))
+    p = ctx.obj if isinstance(ctx.obj, tuple) else (None,) * 6   # `ctl usage --etcd X compact`
+    config = etcd_config(etcd or p[0], etcd_prefix or p[1], etcd_cacert or p[2], etcd_cert or p[3], etcd_key or p[4],
+                         etcd_user or p[5])
     settings = CompactSettings(keep_days=keep_days, grace_s=grace, max_txns=100_000)
 
     async def run() -> CompactReport:
