@@ -17,7 +17,7 @@ import time
 
 import structlog
 
-from controlplane.store import EtcdStore, MemberStatus
+from controlplane.store import EtcdStore, MemberStatus, StoreAuthError
 
 log = structlog.get_logger(__name__)
 
@@ -68,11 +68,19 @@ class SpaceMonitor:
         self.repeat_warning_s = repeat_warning_s
         self.status: MemberStatus | None = None
         self.warning: str | None = None
+        self.unavailable = ""          # why the status cannot be read (permissions), if so
         self._warned_at = 0.0
 
     async def step(self) -> None:
         """Read the member's status; log a warning when it starts (and every ``repeat_warning_s``)."""
-        self.status = await self.store.member_status()   # StoreError: the loop backs off, the last status stays
+        if self.unavailable:
+            return
+        try:
+            self.status = await self.store.member_status()   # StoreUnavailable: the loop backs off
+        except StoreAuthError as exc:     # our etcd user may not read the status: say so once, stop asking
+            self.unavailable = str(exc)
+            log.warning("cannot read etcd's database size; no space warnings from this process", error=str(exc))
+            return
         warning = space_warning(self.status, self.quota_bytes)
         now = time.monotonic()
         if warning and (self.warning is None or now - self._warned_at >= self.repeat_warning_s):
@@ -87,4 +95,5 @@ class SpaceMonitor:
         """For /readyz."""
         st = self.status
         return {"size_bytes": st.db_size_bytes if st else None, "in_use_bytes": st.db_size_in_use_bytes if st else None,
-                "quota_bytes": self.quota_bytes, "alarms": list(st.alarms) if st else [], "warning": self.warning}
+                "quota_bytes": self.quota_bytes, "alarms": list(st.alarms) if st else [], "warning": self.warning,
+                "unavailable": self.unavailable or None}

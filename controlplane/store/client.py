@@ -297,15 +297,20 @@ class EtcdStore:
         """Database size, version and alarms of the member this client talks to."""
         try:
             st = await self.client.maintenance.status(timeout=timeout, max_attempts=1)  # type: ignore[union-attr]
-            alarms = await self.client.maintenance.alarms(timeout=timeout, max_attempts=1)  # type: ignore[union-attr]
         except (EtcdError, grpc.aio.AioRpcError, TimeoutError) as exc:
             raise _translate(exc, "status") from exc
         names = {0: "NONE", 1: "NOSPACE", 2: "CORRUPT"}
+        try:
+            resp = await self.client.maintenance.alarms(timeout=timeout, max_attempts=1)  # type: ignore[union-attr]
+            alarms = tuple(sorted({names.get(int(a.alarm), str(int(a.alarm))) for a in resp.alarms if int(a.alarm)}))
+        except (EtcdUnauthenticatedError, EtcdPermissionDeniedError):
+            alarms = ()    # listing alarms may need etcd's root role; the size alone still warns
+        except (EtcdError, grpc.aio.AioRpcError, TimeoutError) as exc:
+            raise _translate(exc, "alarms") from exc
         return MemberStatus(
             endpoint=",".join(self.config.endpoints), version=str(st.version), db_size_bytes=int(st.dbSize),
             db_size_in_use_bytes=int(getattr(st, "dbSizeInUse", 0)) or int(st.dbSize), leader=int(st.leader),
-            raft_index=int(st.raftIndex),
-            alarms=tuple(sorted({names.get(int(a.alarm), str(int(a.alarm))) for a in alarms.alarms if int(a.alarm)})))
+            raft_index=int(st.raftIndex), alarms=alarms)
 
     async def probe(self, timeout: float = 2.0) -> int:
         """A linearizable read that must answer within ``timeout`` (the whole call, retries
