@@ -57,7 +57,7 @@ async def env(etcd_server: EtcdProcess, sims: dict[str, Sim]) -> AsyncIterator[t
 
 @pytest.fixture
 async def http() -> AsyncIterator[aiohttp.ClientSession]:
-    async with aiohttp.ClientSession() as s:
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=30)) as s:   # a hang fails, named
         yield s
 
 
