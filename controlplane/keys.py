@@ -8,9 +8,12 @@
     <prefix>/models/<model>                            ModelSpec       catalog
     <prefix>/keys/<sha256 hex of the API key>          ApiKey
     <prefix>/plans/current                             PlanRecord
-    <prefix>/demand/<model>/<gateway_id>               Demand          gateway lease
-    <prefix>/gateways/<gateway_id>                     GatewayRecord   gateway lease
-    <prefix>/usage/<key_id>/<model>/<gateway_id>       Usage
+    <prefix>/demand/<model>/<gateway_id>               Demand          LEGACY, read only (now in GatewayRecord)
+    <prefix>/gateways/<gateway_id>                     GatewayRecord   gateway lease (demand, limit load)
+    <prefix>/usage/<key_id>/<model>/<gateway_id>       Usage           LEGACY, read and folded
+    <prefix>/accounting/writers/<writer>/<day>/<part>  UsageBlock      one gateway process's day
+    <prefix>/accounting/merged/<period>/<part>         UsageBlock      folded: days, then months
+    <prefix>/accounting/leader                         (election)      usage compactor, gateway lease
     <prefix>/control/nodes/<node_ref>                  NodeControl     `ctl nodes drain`
     <prefix>/planner/leader                            (election)      planner lease
     <prefix>/harvest/jobs/<job_id>                     HarvestJob      harvest leader
@@ -95,6 +98,23 @@ class Keys:
         return self._k("usage", "")
 
     @property
+    def accounting(self) -> str:
+        """Everything the usage accounting writes (docs/etcd-layout.md)."""
+        return self._k("accounting", "")
+
+    @property
+    def usage_writers(self) -> str:
+        return self._k("accounting", "writers", "")
+
+    @property
+    def usage_merged(self) -> str:
+        return self._k("accounting", "merged", "")
+
+    @property
+    def usage_leader(self) -> str:
+        return self._k("accounting", "leader")
+
+    @property
     def node_controls(self) -> str:
         return self._k("control", "nodes", "")
 
@@ -163,6 +183,24 @@ class Keys:
     def usage_entry(self, key_id: str, model: str, gateway_id: str) -> str:
         return self._k("usage", encode_segment(key_id), encode_segment(model), encode_segment(gateway_id))
 
+    def usage_writer_part(self, writer: str, period: str, part: int) -> str:
+        return self._k("accounting", "writers", encode_segment(writer), encode_segment(period), str(part))
+
+    def usage_merged_part(self, period: str, part: int) -> str:
+        return self._k("accounting", "merged", encode_segment(period), str(part))
+
+    def parse_usage_block_key(self, key: str) -> UsageBlockKey | None:
+        """The parts of an ``accounting/writers/…`` or ``accounting/merged/…`` key (None: neither)."""
+        if key.startswith(self.usage_writers):
+            parts = key[len(self.usage_writers):].split("/")
+            if len(parts) == 3 and parts[2].isdigit():
+                return UsageBlockKey(decode_segment(parts[0]), decode_segment(parts[1]), int(parts[2]))
+        elif key.startswith(self.usage_merged):
+            parts = key[len(self.usage_merged):].split("/")
+            if len(parts) == 2 and parts[1].isdigit():
+                return UsageBlockKey("", decode_segment(parts[0]), int(parts[1]))
+        return None
+
     def node_control(self, node_ref: str) -> str:
         return self._k("control", "nodes", encode_segment(node_ref))
 
@@ -218,6 +256,15 @@ class TenantKeys:
     def node_ref(self, node_id: str) -> str:
         """How desired/ and control/ name node ``node_id`` of this tenant."""
         return node_ref(self.tenant, node_id)
+
+
+@dataclass(frozen=True, slots=True)
+class UsageBlockKey:
+    """Where a UsageBlock lives: its writer ("" for merged records), period and part number."""
+
+    writer: str
+    period: str
+    part: int
 
 
 class RecordDecodeError(ValueError):

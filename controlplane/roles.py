@@ -6,10 +6,15 @@ permission is a key range of this pool's prefix, so several pools in one etcd ke
 
     role           reads                                              writes
     admin          everything under <prefix>/                         everything under <prefix>/
-    gateway        tenants/ instances/ keys/ models/ tokens/          gateways/ demand/ usage/
-    planner        tenants/ nodes/ instances/ models/ demand/ harvest/ desired/ plans/ planner/
-    harvester      tenants/ nodes/ instances/ models/ demand/ desired/ plans/   harvest/
-    tenant-<t>     models/ gateways/ control/nodes/ desired/<t>%2F…   tenants/<t>/
+    gateway        tenants/ instances/ keys/ models/ tokens/          gateways/ accounting/ demand/ usage/
+    planner        tenants/ nodes/ instances/ models/ gateways/        desired/ plans/ planner/
+                   demand/ harvest/
+    harvester      tenants/ nodes/ instances/ models/ gateways/        harvest/
+                   demand/ desired/ plans/
+    tenant-<t>     models/ control/nodes/ desired/<t>%2F…             tenants/<t>/
+
+Gateway records carry demand and per-key rate-limit load (key ids and rates: who uses how
+much), so tenants do not read ``gateways/``.
 
 Every role also reads the single key ``<prefix>/`` (what `EtcdStore.probe` counts). Leases are
 not in the table: etcd lets any user grant one and keep any lease alive, and it refuses to
@@ -93,14 +98,14 @@ def service_role_perms(keys: Keys, role: ServiceRole) -> tuple[Perm, ...]:
     if role is ServiceRole.gateway:
         return _sorted(probe, *(Perm.prefix(p, r) for p in (keys.tenants, keys.instances, keys.api_keys, keys.models,
                                                              keys.tokens)),
-                       *(Perm.prefix(p, rw) for p in (keys.gateways, keys.demand, keys.usage)))
+                       *(Perm.prefix(p, rw) for p in (keys.gateways, keys.accounting, keys.demand, keys.usage)))
     if role is ServiceRole.planner:
         return _sorted(probe, *(Perm.prefix(p, r) for p in (keys.tenants, keys.nodes, keys.instances, keys.models,
-                                                             keys.demand, keys.harvest)),
+                                                             keys.gateways, keys.demand, keys.harvest)),
                        *(Perm.prefix(p, rw) for p in (keys.desired, keys.plans, keys.planner)))
     if role is ServiceRole.harvester:
         return _sorted(probe, *(Perm.prefix(p, r) for p in (keys.tenants, keys.nodes, keys.instances, keys.models,
-                                                             keys.demand, keys.desired, keys.plans)),
+                                                             keys.gateways, keys.demand, keys.desired, keys.plans)),
                        Perm.prefix(keys.harvest, rw))
     raise ValueError(f"unknown role {role!r}")  # pragma: no cover - the enum is exhaustive
 
@@ -110,14 +115,14 @@ def tenant_perms(keys: Keys, tenant: str) -> tuple[Perm, ...]:
 
     Desired assignments and drain controls are keyed by node ref (``<tenant>/<node_id>``,
     percent-encoded as ``<tenant>%2F<node_id>``), so a tenant reads only its own nodes' desired
-    state. It reads every drain control (they name node refs and reasons, nothing secret) and the
-    gateways' records (addresses, for agents that dial out to the gateway fleet).
+    state. It reads every drain control (they name node refs and reasons, nothing secret), but
+    not the gateways' records (they carry per-key traffic).
     """
     check_tenant_name(tenant)
     r = Access.read
     own_desired = keys.desired + encode_segment(f"{tenant}/")
     return _sorted(Perm.single(keys.root, r), Perm.prefix(keys.tenant(tenant), Access.readwrite),
-                   Perm.prefix(keys.models, r), Perm.prefix(keys.gateways, r), Perm.prefix(keys.node_controls, r),
+                   Perm.prefix(keys.models, r), Perm.prefix(keys.node_controls, r),
                    Perm.prefix(own_desired, r))
 
 

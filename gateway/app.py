@@ -32,6 +32,7 @@ from urllib.parse import unquote
 import structlog
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
+from controlplane.etcdspace import DEFAULT_QUOTA_BYTES, SpaceMonitor
 from controlplane.keys import Keys
 from controlplane.loops import Backoff, LoopState, Supervisor
 from controlplane.pb import ApiKey, InstanceRecord, ModelSpec
@@ -90,6 +91,9 @@ class GatewayConfig:
     etcd_probe_interval_s: float = 1.0    # a read with etcd_probe_timeout_s deadline this often
     etcd_probe_timeout_s: float = 2.0
     outage_grace_s: float = 20.0          # after etcd answers again, instances that vanished stay usable this long
+    etcd_quota_bytes: int = DEFAULT_QUOTA_BYTES   # etcd's --quota-backend-bytes: warn at 80 % (docs/etcd-layout.md)
+    etcd_space_interval_s: float = 30.0
+    limits_stale_s: float = 30.0          # etcd away this long: rate limits fall back to limit / N
 
 
 class Gateway:
@@ -106,11 +110,12 @@ class Gateway:
         self.ejections = Ejections()
         self.metrics = GatewayMetrics()
         self.limiter = RateLimiter()
-        self.usage = UsageBook()
+        self.usage = UsageBook(config.gateway_id)
         self.demand = DemandMeter(time.monotonic(), config.demand_window_s)
         self.etcd_connected = False
         self.etcd_lost_at: float | None = None   # monotonic time the probe first failed, while it fails
         self.loops = Supervisor()
+        self.etcd_space: SpaceMonitor | None = None
         self.caches: list[WatchedCache[Any]] = []
         self.table_updated_at = 0.0
         self.forwarder: Forwarder | None = None
@@ -197,8 +202,11 @@ class Gateway:
                                 backoff=Backoff(base_s=self.config.etcd_probe_interval_s,
                                                 max_s=self.config.etcd_probe_interval_s))
             self.loops.periodic("access-log", self._flush_access_log, interval_s=FLUSH_S, run_first=False)
+            self.etcd_space = SpaceMonitor(store, self.config.etcd_quota_bytes)
+            self.loops.periodic("etcd-space", self.etcd_space.step, interval_s=self.config.etcd_space_interval_s,
+                                timeout_s=10.0, backoff=Backoff(base_s=1.0, max_s=self.config.etcd_space_interval_s))
             self.fleet = FleetMember(store, self.keys, self.config.gateway_id, self.config.address, self.config.fleet,
-                                     self.usage, self.demand, self.limiter.set_fleet_size)
+                                     self.usage, self.demand, self.limiter)
             stack.push_async_callback(self.fleet.close)
             await self.fleet.start(self.loops)
             if self.config.worker_metrics_dir:
@@ -300,14 +308,15 @@ class Gateway:
         key = principal.record
         if key is None or not (key.requests_per_minute or key.tokens_per_minute):
             return None
-        verdict = self.limiter.admit(key, now)
+        # the others' published load is trusted while etcd answers (and a while after it stops)
+        fresh = self.etcd_lost_at is None or now - self.etcd_lost_at < self.config.limits_stale_s
+        verdict = self.limiter.admit(key, now, fresh=fresh)
         if not verdict.allowed:
             self.metrics.rate_limited.labels(verdict.kind).inc()
             per_min = key.requests_per_minute if verdict.kind == "requests" else key.tokens_per_minute
-            raise RateLimited(f"Rate limit reached for key {key.key_id} on {verdict.kind} per min: limit {per_min}, "
-                              f"shared by {self.limiter.fleet_size} gateway(s). Please try again in "
-                              f"{verdict.retry_after_s}s.", kind=verdict.kind, retry_after_s=verdict.retry_after_s,
-                              headers=verdict.headers)
+            raise RateLimited(f"Rate limit reached for key {key.key_id} on {verdict.kind} per min: limit {per_min}. "
+                              f"Please try again in {verdict.retry_after_s}s.", kind=verdict.kind,
+                              retry_after_s=verdict.retry_after_s, headers=verdict.headers)
         return verdict.headers or None
 
     def _finished(self, request_id: str, principal: Principal, model: str, route: str, status: int, started: float,
@@ -318,7 +327,7 @@ class Gateway:
         usage = ex.usage if ex is not None else None
         if counted:
             error = status >= 400 or (ex is not None and not ex.completed)
-            self.usage.record(principal.key_id, model, usage, error=error)
+            self.usage.record(principal.key_id, principal.owner, model, usage, error=error, now_s=time.time())
         if arrived:
             self.demand.finished(model, usage, now)
         if usage is not None:
@@ -379,6 +388,8 @@ class Gateway:
             "instances": len(self.table), "models": len(self.table.models()), "revision": self.table.revision,
             "refused_instances": len(self.table.refused()),
             "problems": problems, "loops": {st.name: st.to_dict() for st in statuses},
+            "etcd_db": self.etcd_space.to_dict() if self.etcd_space is not None else None,
+            "warnings": [self.etcd_space.warning] if self.etcd_space is not None and self.etcd_space.warning else [],
         }
         if not self.state_loaded:
             body["status"] = "starting"

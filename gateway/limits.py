@@ -1,76 +1,81 @@
-"""Per-key rate limits, enforced locally with a fleet-aware share: a pure core, clock injected.
+"""Per-key rate limits for the whole fleet: sliding windows with demand-following shares (pure, clock injected).
 
-Each ApiKey may carry ``requests_per_minute`` and ``tokens_per_minute`` (0 = unlimited). With N
-live gateways (``gateways/`` in etcd, N >= 1) every gateway enforces ``limit / N`` on its own,
-with a token bucket per key and kind:
+Each ApiKey may carry ``requests_per_minute`` and ``tokens_per_minute`` (0 = unlimited). Every
+gateway counts, per key, what it admitted in one-second buckets over the last ``WINDOW_S`` s (the
+current second and the 60 before it: never less than a minute), and how many requests it was
+*asked* for over the last ``DEMAND_S`` s. It publishes both in its GatewayRecord (gateway/fleet.py,
+every publish interval while it has traffic) and reads everyone else's. Its quota for a key is
 
-    capacity = max(limit / N, 1)      burst: one gateway's share of a minute
-    refill   = limit / N / 60 per s   smooth, so a denied client is told when to come back
+    share = own published demand / everyone's published demand       (1/N before anyone published;
+                                                                      at least 1/N while ours is unpublished)
+    quota = min(share * limit,  limit - what the others admitted in their windows)
 
-Requests take 1 from the requests bucket before forwarding. Tokens are charged after the
-response (prompt + completion from its ``usage``), so the tokens bucket may go negative; new
-requests are denied while it is. No shared counters, no etcd round trip per request: the cost
-is that a client whose traffic lands unevenly on the gateways gets less than its limit (see
-docs/gateway.md).
+and a request is admitted while ``admitted in my window + 1 <= quota`` (tokens: while ``tokens
+charged in my window < quota``; a response may overdraw, since its cost is known only at the
+end). The shares of all gateways are computed from the same published numbers, so they add up to
+1 and a burst on every gateway at once cannot exceed the limit; the second term stops a gateway
+whose share just grew from spending what another gateway admitted moments ago. What is left is
+the publication lag: admissions of the last publish interval that others have not seen yet.
+docs/gateway.md derives the bound (and measures it); when etcd is unreachable for longer than
+the caller's staleness limit (``fresh=False``) every gateway falls back to ``limit / N``.
+
+No shared counters, no etcd round trip per request: admission is a few list operations.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
-from controlplane.pb import ApiKey
+from controlplane.pb import ApiKey, KeyLoad
 
 REQUESTS = "requests"
 TOKENS = "tokens"
+WINDOW_S = 60
+BUCKETS = WINDOW_S + 1          # a bucket counts until its second is this old: windows never undercount
+DEMAND_S = 10                   # demand (requests asked for) is averaged over this many seconds
+SHARE_RETRY_S = 2               # Retry-After when only the shares can make room (they move each publication)
 
 
-@dataclass(slots=True)
-class TokenBucket:
-    """A token bucket: ``level`` refills at ``rate`` per second up to ``capacity``."""
+class _Ring:
+    """``BUCKETS`` one-second buckets of a count."""
 
-    capacity: float
-    rate: float
-    level: float
-    updated: float
+    __slots__ = ("stamp", "value")
 
-    @classmethod
-    def full(cls, capacity: float, rate: float, now: float) -> TokenBucket:
-        """A bucket that starts with its whole burst available."""
-        return cls(capacity, rate, capacity, now)
+    def __init__(self) -> None:
+        self.stamp = [-1] * BUCKETS
+        self.value = [0] * BUCKETS
 
-    def refill(self, now: float) -> None:
-        """Add what accrued since the last update (time never runs backwards here)."""
-        if now > self.updated:
-            self.level = min(self.capacity, self.level + (now - self.updated) * self.rate)
-            self.updated = now
+    def add(self, second: int, amount: int) -> None:
+        i = second % BUCKETS
+        if self.stamp[i] != second:
+            self.stamp[i] = second
+            self.value[i] = 0
+        self.value[i] += amount
 
-    def resize(self, capacity: float, rate: float, now: float) -> None:
-        """New share (limit or fleet size changed): keep the level, clipped to the new capacity."""
-        self.refill(now)
-        self.capacity, self.rate = capacity, rate
-        self.level = min(self.level, capacity)
+    def total(self, second: int, span: int = BUCKETS) -> int:
+        """The sum of the buckets of the last ``span`` seconds (this one included)."""
+        oldest = second - span + 1
+        return sum(v for s, v in zip(self.stamp, self.value, strict=True) if oldest <= s <= second)
 
-    def take(self, amount: float, now: float) -> bool:
-        """Take ``amount`` if it is there; False (and nothing taken) otherwise."""
-        self.refill(now)
-        if self.level >= amount:
-            self.level -= amount
-            return True
-        return False
+    def oldest_first(self, second: int) -> list[tuple[int, int]]:
+        """(second, count) of the non-empty buckets in the window, oldest first."""
+        oldest = second - BUCKETS + 1
+        return sorted((s, v) for s, v in zip(self.stamp, self.value, strict=True) if oldest <= s <= second and v)
 
-    def charge(self, amount: float, now: float) -> None:
-        """Take ``amount`` unconditionally (the level may go negative)."""
-        self.refill(now)
-        self.level -= amount
 
-    def seconds_until(self, level: float, now: float) -> float:
-        """Seconds until the bucket holds at least ``level`` (0 when it does now)."""
-        self.refill(now)
-        missing = level - self.level
-        if missing <= 0:
-            return 0.0
-        return missing / self.rate if self.rate > 0 else math.inf
+@dataclass(frozen=True, slots=True)
+class PeerLoad:
+    """What the other gateways published for one key, summed."""
+
+    admitted_requests: int = 0
+    admitted_tokens: int = 0
+    request_demand: float = 0.0
+    token_demand: float = 0.0
+
+
+NO_PEERS = PeerLoad()
 
 
 @dataclass(frozen=True, slots=True)
@@ -87,94 +92,161 @@ ALLOWED = Verdict(True)
 
 
 @dataclass(slots=True)
-class _KeyBuckets:
-    rpm: int = 0
-    tpm: int = 0
-    fleet: int = 0
-    requests: TokenBucket | None = None
-    tokens: TokenBucket | None = None
+class _KeyState:
+    admitted: _Ring = field(default_factory=_Ring)
+    tokens: _Ring = field(default_factory=_Ring)
+    asked: _Ring = field(default_factory=_Ring)
 
 
-def share(limit: int, fleet_size: int) -> tuple[float, float]:
-    """(capacity, refill per second) of one gateway's bucket for a per-minute ``limit``."""
-    per_gateway = limit / max(1, fleet_size)
-    return max(per_gateway, 1.0), per_gateway / 60.0
+def share_of(own_published: float, others: float, members: int, *, asking: bool) -> float:
+    """This gateway's share of a key (pure): its published demand over everyone's; 1/N while nobody
+    published; at least 1/N while we are asked but have not published yet (a gateway new to the key)."""
+    n = max(1, members)
+    total = own_published + others
+    s = own_published / total if total > 0 else 1.0 / n
+    if own_published <= 0 and asking:
+        s = max(s, 1.0 / n)
+    return s
+
+
+def quota_of(limit: int, share: float, others_admitted: float) -> float:
+    """What this gateway may have admitted in its window (pure)."""
+    return max(0.0, min(share * limit, limit - others_admitted))
 
 
 class RateLimiter:
-    """Token buckets per key id; ``fleet_size`` is kept current by the fleet watch."""
+    """Sliding-window limits per key id; the fleet member feeds it the others' published load."""
 
     def __init__(self, fleet_size: int = 1) -> None:
         self.fleet_size = max(1, fleet_size)
-        self._keys: dict[str, _KeyBuckets] = {}
+        self._keys: dict[str, _KeyState] = {}
+        self._peers: Mapping[str, PeerLoad] = {}
+        self._published: Mapping[str, tuple[float, float]] = {}
+
+    # -- what the fleet tells us ---------------------------------------------------------------
 
     def set_fleet_size(self, n: int) -> None:
-        """Live gateways (at least 1); buckets are resized lazily on their next use."""
+        """Live gateways (at least 1)."""
         self.fleet_size = max(1, n)
 
-    def _buckets(self, key: ApiKey, now: float) -> _KeyBuckets:
-        kb = self._keys.get(key.key_id)
-        if kb is None:
-            kb = self._keys[key.key_id] = _KeyBuckets()
-        rpm, tpm, n = key.requests_per_minute, key.tokens_per_minute, self.fleet_size
-        if (kb.rpm, kb.tpm, kb.fleet) != (rpm, tpm, n):
-            kb.requests = _resized(kb.requests, rpm, n, now)
-            kb.tokens = _resized(kb.tokens, tpm, n, now)
-            kb.rpm, kb.tpm, kb.fleet = rpm, tpm, n
-        return kb
+    def set_peers(self, peers: Mapping[str, PeerLoad]) -> None:
+        """The other gateways' published load per key id (replaces the previous view)."""
+        self._peers = peers
 
-    def admit(self, key: ApiKey, now: float) -> Verdict:
-        """Take one request from ``key``'s buckets, or say why not and for how long."""
-        if not key.requests_per_minute and not key.tokens_per_minute:
+    def set_published(self, published: Mapping[str, tuple[float, float]]) -> None:
+        """What we published last, per key id: (request demand, token demand)."""
+        self._published = published
+
+    # -- requests --------------------------------------------------------------------------------
+
+    def admit(self, key: ApiKey, now: float, *, fresh: bool = True) -> Verdict:
+        """Count one request against ``key``'s limits, or say why not and for how long.
+
+        ``fresh`` is False while etcd has been unreachable for too long to trust the others' load:
+        the quota is then the static ``limit / N``.
+        """
+        rpm, tpm = key.requests_per_minute, key.tokens_per_minute
+        if not rpm and not tpm:
             return ALLOWED
-        kb = self._buckets(key, now)
+        second = int(now)
+        st = self._keys.get(key.key_id)
+        if st is None:
+            st = self._keys[key.key_id] = _KeyState()
+        st.asked.add(second, 1)
+        peer = self._peers.get(key.key_id, NO_PEERS) if fresh else NO_PEERS
+        own_rd, own_td = self._published.get(key.key_id, (0.0, 0.0)) if fresh else (0.0, 0.0)
         headers: dict[str, str] = {}
-        tokens = kb.tokens
-        if tokens is not None:
-            tokens.refill(now)
-            headers.update(self._headers(TOKENS, key.tokens_per_minute, tokens, now))
-            if tokens.level < 0:
-                wait = tokens.seconds_until(0.0, now)
-                return Verdict(False, TOKENS, _whole_seconds(wait), headers)
-        requests = kb.requests
-        if requests is not None:
-            taken = requests.take(1.0, now)
-            headers.update(self._headers(REQUESTS, key.requests_per_minute, requests, now))
-            if not taken:
-                return Verdict(False, REQUESTS, _whole_seconds(requests.seconds_until(1.0, now)), headers)
+        if tpm:
+            q = self._quota(tpm, own_td, peer.token_demand, peer.admitted_tokens, fresh)
+            used = st.tokens.total(second)
+            headers.update(_headers(TOKENS, tpm, tpm - peer.admitted_tokens - used, st.tokens, now))
+            if used >= q:
+                return Verdict(False, TOKENS, self._retry(st.tokens, used - q + 1, now), headers)
+        if rpm:
+            q = self._quota(rpm, own_rd, peer.request_demand, peer.admitted_requests, fresh)
+            if q < 1 and rpm - peer.admitted_requests >= 1:
+                q = 1.0   # a limit below the fleet size: one request per gateway (docs/gateway.md)
+            used = st.admitted.total(second)
+            if used + 1 > q:
+                headers.update(_headers(REQUESTS, rpm, rpm - peer.admitted_requests - used, st.admitted, now))
+                return Verdict(False, REQUESTS, self._retry(st.admitted, used + 1 - q, now), headers)
+            headers.update(_headers(REQUESTS, rpm, rpm - peer.admitted_requests - used - 1, st.admitted, now))
+        st.admitted.add(second, 1)
         return Verdict(True, headers=headers)
+
+    def _quota(self, limit: int, own: float, others: float, others_admitted: float, fresh: bool) -> float:
+        if not fresh:
+            return limit / self.fleet_size
+        return quota_of(limit, share_of(own, others, self.fleet_size, asking=True), others_admitted)
+
+    @staticmethod
+    def _retry(ring: _Ring, need: float, now: float) -> int:
+        """Seconds until ``need`` of this gateway's window has left it (SHARE_RETRY_S when that cannot
+        make room: then only the shares moving can)."""
+        freed = 0
+        for second, count in ring.oldest_first(int(now)):
+            freed += count
+            if freed >= need:
+                return _whole_seconds(second + BUCKETS - now)
+        return SHARE_RETRY_S
 
     def charge_tokens(self, key: ApiKey, tokens: int, now: float) -> None:
         """Charge the tokens a finished request used (no-op without a tokens limit)."""
         if key.tokens_per_minute and tokens > 0:
-            bucket = self._buckets(key, now).tokens
-            if bucket is not None:
-                bucket.charge(float(tokens), now)
+            st = self._keys.get(key.key_id)
+            if st is None:
+                st = self._keys[key.key_id] = _KeyState()
+            st.tokens.add(int(now), tokens)
+
+    # -- what we publish -------------------------------------------------------------------------
+
+    def loads(self, now: float) -> list[KeyLoad]:
+        """Per key with anything in its window: admitted requests and tokens, and demand (what the
+        fleet's shares follow). Keys with an empty window are forgotten."""
+        second = int(now)
+        out: list[KeyLoad] = []
+        for kid in sorted(self._keys):
+            st = self._keys[kid]
+            admitted, tokens = st.admitted.total(second), st.tokens.total(second)
+            asked = st.asked.total(second, DEMAND_S)
+            if not (admitted or tokens or st.asked.total(second)):
+                del self._keys[kid]
+                continue
+            rd = asked / DEMAND_S
+            td = rd * (tokens / admitted) if admitted else 0.0
+            out.append(KeyLoad(key_id=kid, admitted_requests=admitted, admitted_tokens=tokens,
+                               request_demand=round(rd, 3), token_demand=round(td, 1)))
+        return out
 
     def forget(self, key_ids: set[str]) -> None:
-        """Drop buckets of keys that no longer exist."""
+        """Drop the windows of keys that no longer exist."""
         for kid in [k for k in self._keys if k not in key_ids]:
             del self._keys[kid]
 
-    def _headers(self, kind: str, limit: int, bucket: TokenBucket, now: float) -> dict[str, str]:
-        # OpenAI reports limit and remaining for the whole key; this gateway only knows its share,
-        # so "remaining" is the fleet-wide estimate: local level times the fleet size.
-        remaining = max(0, min(limit, math.floor(max(bucket.level, 0.0) * self.fleet_size)))
-        return {
-            f"x-ratelimit-limit-{kind}": str(limit),
-            f"x-ratelimit-remaining-{kind}": str(remaining),
-            f"x-ratelimit-reset-{kind}": format_duration(bucket.seconds_until(bucket.capacity, now)),
-        }
+
+def peers_from(loads: Iterable[Iterable[KeyLoad]]) -> dict[str, PeerLoad]:
+    """Sum the KeyLoads of several gateways per key id (pure)."""
+    sums: dict[str, list[float]] = {}
+    for one in loads:
+        for kl in one:
+            s = sums.setdefault(kl.key_id, [0, 0, 0.0, 0.0])
+            s[0] += kl.admitted_requests
+            s[1] += kl.admitted_tokens
+            s[2] += kl.request_demand
+            s[3] += kl.token_demand
+    return {k: PeerLoad(int(s[0]), int(s[1]), s[2], s[3]) for k, s in sums.items()}
 
 
-def _resized(bucket: TokenBucket | None, limit: int, fleet: int, now: float) -> TokenBucket | None:
-    if not limit:
-        return None
-    capacity, rate = share(limit, fleet)
-    if bucket is None:
-        return TokenBucket.full(capacity, rate, now)
-    bucket.resize(capacity, rate, now)
-    return bucket
+def _headers(kind: str, limit: int, remaining: float, ring: _Ring, now: float) -> dict[str, str]:
+    """OpenAI's rate-limit headers: the key's whole limit, what the fleet has left of it (as this
+    gateway knows it), and when this gateway's oldest counted use leaves its window."""
+    first = ring.oldest_first(int(now))
+    reset = first[0][0] + BUCKETS - now if first else 0.0
+    return {
+        f"x-ratelimit-limit-{kind}": str(limit),
+        f"x-ratelimit-remaining-{kind}": str(max(0, min(limit, math.floor(remaining)))),
+        f"x-ratelimit-reset-{kind}": format_duration(max(0.0, reset)),
+    }
 
 
 def _whole_seconds(seconds: float) -> int:

@@ -116,8 +116,15 @@ class GatewayMetrics:
                                ["state"], registry=r)
         self.etcd = Gauge("modelpool_gateway_etcd_connected", "1 while the etcd watches are connected", registry=r)
         self.ejected = Gauge("modelpool_gateway_ejected_instances", "Instances ejected now", registry=r)
-        self.fleet = Gauge("modelpool_gateway_fleet_size", "Live gateways this one sees (rate limits use 1/N)",
-                           registry=r)
+        self.fleet = Gauge("modelpool_gateway_fleet_size", "Live gateways this one sees", registry=r)
+        self.etcd_db_size = Gauge("modelpool_gateway_etcd_db_size_bytes", "etcd backend database size (what the "
+                                  "quota counts)", registry=r)
+        self.etcd_db_in_use = Gauge("modelpool_gateway_etcd_db_size_in_use_bytes", "etcd database bytes in use "
+                                    "(the rest is reclaimed by defragmentation)", registry=r)
+        self.etcd_quota = Gauge("modelpool_gateway_etcd_quota_bytes", "etcd's quota as configured (--etcd-quota)",
+                                registry=r)
+        self.etcd_space_warning = Gauge("modelpool_gateway_etcd_space_warning", "1 while the etcd database is near "
+                                        "its quota or etcd raised NOSPACE", registry=r)
 
     def bind(self, gw: Gateway) -> None:
         """Read live values from the gateway at scrape time."""
@@ -125,6 +132,12 @@ class GatewayMetrics:
         self.etcd.set_function(lambda: 1.0 if gw.etcd_connected else 0.0)
         self.ejected.set_function(lambda: gw.ejections.count_ejected())
         self.fleet.set_function(lambda: gw.limiter.fleet_size)
+        space = lambda: gw.etcd_space.status if gw.etcd_space is not None else None  # noqa: E731
+        self.etcd_db_size.set_function(lambda: float(st.db_size_bytes) if (st := space()) else 0.0)
+        self.etcd_db_in_use.set_function(lambda: float(st.db_size_in_use_bytes) if (st := space()) else 0.0)
+        self.etcd_quota.set_function(lambda: float(gw.config.etcd_quota_bytes))
+        self.etcd_space_warning.set_function(lambda: 1.0 if gw.etcd_space is not None and gw.etcd_space.warning
+                                             else 0.0)
         self._gw = gw
 
     def observe_request(self, model: str, route: str, status: int, seconds: float) -> None:

@@ -53,6 +53,22 @@ PasswordFileOpt = Annotated[Path | None, typer.Option(
     "--etcd-password-file", envvar="MODELPOOL_ETCD_PASSWORD_FILE",
     help="File holding the etcd user's password (first line); keeps it off the command line.")]
 OutputOpt = Annotated[OutputFormat, typer.Option("-o", "--output", help="Output format: table or json.")]
+EtcdQuotaOpt = Annotated[str, typer.Option("--etcd-quota", envvar="MODELPOOL_ETCD_QUOTA",
+                                           help="etcd's --quota-backend-bytes (e.g. 2GiB, 8GiB): warn when the "
+                                                "database nears it.")]
+
+
+def etcd_quota(spec: str) -> int:
+    """``--etcd-quota`` in bytes, or exit 2 with the accepted forms."""
+    from controlplane.etcdspace import parse_bytes
+
+    try:
+        quota = parse_bytes(spec)
+    except ValueError as exc:
+        fail(f"--etcd-quota: {exc}", ExitCode.USAGE)
+    if quota <= 0:
+        fail("--etcd-quota must be positive", ExitCode.USAGE)
+    return quota
 
 
 def etcd_config(etcd: str | None, prefix: str | None, cacert: Path | None = None, cert: Path | None = None,

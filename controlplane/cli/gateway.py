@@ -8,16 +8,19 @@ from typing import Annotated
 
 import typer
 
+from controlplane.accounting.compact import CompactSettings
 from controlplane.cli.common import (
     CaOpt,
     CertOpt,
     EtcdOpt,
+    EtcdQuotaOpt,
     ExitCode,
     KeyOpt,
     PasswordFileOpt,
     PrefixOpt,
     UserOpt,
     etcd_config,
+    etcd_quota,
     fail,
 )
 from controlplane.cli.main import app
@@ -63,16 +66,22 @@ def gateway(
                                                   "gateway, recorded in etcd (default: --host:--port).")] = None,
     lease_ttl: Annotated[int, typer.Option("--lease-ttl", min=2, help="TTL (s) of the gateway's registration, "
                                            "demand records and fleet membership.")] = 10,
-    demand_interval: Annotated[float, typer.Option("--demand-interval", min=0.5, help="Seconds between demand "
-                                                   "publications for the planner.")] = 5.0,
+    publish_interval: Annotated[float, typer.Option("--publish-interval", "--demand-interval", min=0.5,
+                                                    help="Seconds between rewrites of this gateway's record "
+                                                    "(planner demand and rate-limit load; only when changed).")] = 2.0,
     demand_window: Annotated[int, typer.Option("--demand-window", min=5, help="Seconds of traffic the published "
                                                "demand rates average over.")] = 60,
     usage_flush: Annotated[float, typer.Option("--usage-flush", min=0.5, help="Seconds between usage writes "
-                                               "to etcd.")] = 5.0,
+                                               "to etcd (a SIGKILL loses at most this much usage).")] = 5.0,
+    usage_keep_days: Annotated[int, typer.Option("--usage-keep-days", min=3, help="Days kept per day in etcd; "
+                                                 "older usage is folded into months.")] = 40,
+    usage_compact_interval: Annotated[float, typer.Option("--usage-compact-interval", min=1, help="Seconds between "
+                                                          "usage compactions (by the elected gateway).")] = 60.0,
+    quota: EtcdQuotaOpt = "2GiB",
     gateway_id: Annotated[str | None, typer.Option("--id", help="This gateway's id in etcd, unique among running "
-                                                   "gateways (default: random per start). A fixed id lets a restarted "
-                                                   "gateway continue its usage records instead of starting new ones; "
-                                                   "workers get <id>-w<N>.")] = None,
+                                                   "gateways (default: random per start); workers get <id>-w<N>. "
+                                                   "Usage stays exact either way: every start writes its own records "
+                                                   "and the fleet folds those of stopped gateways.")] = None,
     etcd: EtcdOpt = None, etcd_prefix: PrefixOpt = None, etcd_cacert: CaOpt = None, etcd_cert: CertOpt = None,
     etcd_key: KeyOpt = None, etcd_user: UserOpt = None,
     etcd_password_file: PasswordFileOpt = None,
@@ -90,8 +99,10 @@ def gateway(
     cfg = GatewayConfig(etcd=config, auth=not no_auth, max_body_bytes=max_body_mb * 1024 * 1024,
                         proxy=ProxySettings(max_attempts=max_attempts, stall_timeout_s=stall_timeout),
                         address=advertise or f"{host}:{port}", demand_window_s=demand_window,
-                        fleet=FleetSettings(lease_ttl_s=lease_ttl, demand_interval_s=demand_interval,
-                                            usage_flush_s=usage_flush))
+                        etcd_quota_bytes=etcd_quota(quota),
+                        fleet=FleetSettings(lease_ttl_s=lease_ttl, publish_interval_s=publish_interval,
+                                            usage_flush_s=usage_flush, compact_interval_s=usage_compact_interval,
+                                            compact=CompactSettings(keep_days=usage_keep_days)))
     if gateway_id is not None:
         if not gateway_id.strip() or "/" in gateway_id:
             fail(f"--id must be non-empty and contain no '/': {gateway_id!r}", ExitCode.USAGE)

@@ -1,4 +1,4 @@
-"""`ctl status`: what the pool looks like right now (nodes, instances, models, gateways).
+"""`ctl status`: what the pool looks like right now (nodes, instances, models, gateways, etcd space).
 
 Nodes and instances come from both key layouts, each with the tenant its key names; an instance
 whose tenant may not serve its model (``ModelSpec.servers``) is shown as refused, with the
@@ -12,30 +12,35 @@ from typing import Any
 
 from google.protobuf.json_format import MessageToDict
 
+from controlplane.accounting.demand import decode_demand
 from controlplane.cli.common import (
     CaOpt,
     CertOpt,
     EtcdOpt,
+    EtcdQuotaOpt,
     KeyOpt,
     OutputFormat,
     OutputOpt,
     PrefixOpt,
     UserOpt,
     etcd_config,
+    etcd_quota,
     open_store,
     run_async,
 )
 from controlplane.cli.main import app
 from controlplane.cli.output import age, print_json, print_table
+from controlplane.etcdspace import human, space_warning
 from controlplane.keys import Keys, decode_all, decode_segment
-from controlplane.pb import Demand, GatewayRecord, InstanceState, ModelSpec
+from controlplane.pb import GatewayRecord, InstanceState, ModelSpec
 from controlplane.poolstate import read_pool
-from controlplane.store import EtcdConfig
+from controlplane.store import EtcdConfig, StoreError
+from controlplane.store.errors import StoreUnavailable
 from controlplane.tenancy import Servers, refusal_reason, servers_of
 
 
-async def read_status(config: EtcdConfig) -> dict[str, Any]:
-    """Read nodes, instances and the model catalog at one revision."""
+async def read_status(config: EtcdConfig, quota_bytes: int) -> dict[str, Any]:
+    """Read nodes, instances, the model catalog and gateways at one revision, and etcd's space."""
     store = await open_store(config)
     keys = Keys(config.prefix)
     try:
@@ -44,6 +49,7 @@ async def read_status(config: EtcdConfig) -> dict[str, Any]:
         model_kvs, _ = await store.list_prefix(keys.models, revision=rev)
         gateway_kvs, _ = await store.list_prefix(keys.gateways, revision=rev)
         demand_kvs, _ = await store.list_prefix(keys.demand, revision=rev)
+        etcd = await _etcd_space(store, quota_bytes)
     finally:
         await store.close()
     errors: list[str] = list(pool.warnings)
@@ -52,8 +58,8 @@ async def read_status(config: EtcdConfig) -> dict[str, Any]:
     servers: dict[str, Servers] = {decode_segment(kv.key.rsplit("/", 1)[-1]): servers_of(m) for kv, m in spec_kvs}
     for bad in {kv.key for kv in model_kvs} - {kv.key for kv, _ in spec_kvs}:
         servers[decode_segment(bad.rsplit("/", 1)[-1])] = frozenset()  # unreadable: nobody (as gateways)
-    gateways = [g for _, g in decode_all(GatewayRecord, gateway_kvs, errors)]
-    demand = [d for _, d in decode_all(Demand, demand_kvs, errors)]
+    gateways = [g for _, g in decode_all(GatewayRecord, gateway_kvs, [])]   # decode_demand warns once
+    demand = decode_demand(gateway_kvs, demand_kvs, errors)
     models: dict[str, dict[str, Any]] = {}
 
     def model_row(name: str) -> dict[str, Any]:
@@ -83,9 +89,30 @@ async def read_status(config: EtcdConfig) -> dict[str, Any]:
         "nodes": [{**_dict(n.record), "tenant": n.tenant, "node_ref": n.ref} for n in pool.nodes],
         "instances": instances,
         "models": sorted(models.values(), key=lambda m: m["model"]),
-        "gateways": sorted((_dict(g) for g in gateways), key=lambda g: g["gateway_id"]),
+        "gateways": sorted((_gateway(g) for g in gateways), key=lambda g: g["gateway_id"]),
+        "etcd": etcd,
         "errors": errors,
     }
+
+
+def _gateway(g: GatewayRecord) -> dict[str, Any]:
+    """A gateway row without its (bulky) per-key load: how many keys it reports is enough here."""
+    d = _dict(g)
+    d["limited_keys"] = len(d.pop("keys", []))
+    return d
+
+
+async def _etcd_space(store: Any, quota_bytes: int) -> dict[str, Any]:
+    """The member's database size against the quota, with a warning near it (never fatal)."""
+    try:
+        st = await store.member_status()
+    except StoreUnavailable:
+        raise
+    except StoreError as exc:   # e.g. an etcd user without maintenance permission
+        return {"error": str(exc), "quota_bytes": quota_bytes, "warning": None}
+    return {"endpoint": st.endpoint, "version": st.version, "db_size_bytes": st.db_size_bytes,
+            "db_size_in_use_bytes": st.db_size_in_use_bytes, "quota_bytes": quota_bytes, "alarms": list(st.alarms),
+            "warning": space_warning(st, quota_bytes)}
 
 
 def _gpu_summary(node: dict[str, Any]) -> str:
@@ -95,7 +122,8 @@ def _gpu_summary(node: dict[str, Any]) -> str:
     return ",".join(f"{n}x{t}" for t, n in sorted(counts.items())) or "-"
 
 
-@app.command(epilog="Example:  ctl status --etcd 127.0.0.1:2379   |   ctl status -o json | jq '.instances'")
+@app.command(epilog="Example:  ctl status --etcd 127.0.0.1:2379   |   ctl status -o json | jq '.etcd'   |   "
+             "ctl status --etcd-quota 8GiB")
 def status(
     etcd: EtcdOpt = None,
     etcd_prefix: PrefixOpt = None,
@@ -103,11 +131,14 @@ def status(
     etcd_cert: CertOpt = None,
     etcd_key: KeyOpt = None,
     etcd_user: UserOpt = None,
+    quota: EtcdQuotaOpt = "2GiB",
     output: OutputOpt = OutputFormat.table,
 ) -> None:
-    """Show nodes, model instances (model, state, endpoint, node, age), models (with demand) and gateways."""
+    """Show nodes, model instances (model, state, endpoint, node, age), models (with demand), gateways and
+    etcd's database size against its quota (a warning near it)."""
     config = etcd_config(etcd, etcd_prefix, etcd_cacert, etcd_cert, etcd_key, etcd_user)
-    data = run_async(lambda: read_status(config))
+    quota_bytes = etcd_quota(quota)
+    data = run_async(lambda: read_status(config, quota_bytes))
     if output is OutputFormat.json:
         print_json(data)
         return
@@ -163,6 +194,16 @@ def status(
     for i in data["instances"]:
         if i["refused"]:
             print(f"refused: instance {i.get('instance_id')} of tenant {i['tenant']}: {i['refused']}")
+    e = data["etcd"]
+    if "db_size_bytes" in e:
+        print_table(["endpoint", "version", "db size", "in use", "quota", "used", "alarms"],
+                    [(e["endpoint"], e["version"], human(e["db_size_bytes"]), human(e["db_size_in_use_bytes"]),
+                      human(e["quota_bytes"]), f"{e['db_size_bytes'] / e['quota_bytes']:.1%}",
+                      ",".join(e["alarms"]) or "-")], title="etcd")
+    else:
+        print(f"warning: etcd status: {e.get('error')}")
+    if e.get("warning"):
+        print(f"warning: {e['warning']}")
     for err in data["errors"]:
         print(f"warning: {err}")
 

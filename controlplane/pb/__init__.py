@@ -14,6 +14,7 @@ from controlplane.pb.records_pb2 import (
     HarvestStatus,
     InstanceRecord,
     InstanceState,
+    KeyLoad,
     ModelAccess,
     ModelSpec,
     NodeControl,
@@ -22,6 +23,8 @@ from controlplane.pb.records_pb2 import (
     PlanRecord,
     SlurmJob,
     Usage,
+    UsageBlock,
+    UsageCell,
 )
 
 __all__ = [
@@ -35,6 +38,7 @@ __all__ = [
     "HarvestStatus",
     "InstanceRecord",
     "InstanceState",
+    "KeyLoad",
     "ModelAccess",
     "ModelSpec",
     "NodeControl",
@@ -43,4 +47,6 @@ __all__ = [
     "PlanRecord",
     "SlurmJob",
     "Usage",
+    "UsageBlock",
+    "UsageCell",
 ]

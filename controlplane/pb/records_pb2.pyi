@@ -277,14 +277,38 @@ class Demand(_message.Message):
     def __init__(self, model: _Optional[str] = ..., gateway_id: _Optional[str] = ..., requests_per_second: _Optional[float] = ..., prompt_tokens_per_second: _Optional[float] = ..., completion_tokens_per_second: _Optional[float] = ..., window_seconds: _Optional[int] = ..., updated_unix_ms: _Optional[int] = ..., in_flight: _Optional[int] = ...) -> None: ...
 
 class GatewayRecord(_message.Message):
-    __slots__ = ("gateway_id", "address", "started_unix_ms")
+    __slots__ = ("gateway_id", "address", "started_unix_ms", "usage_writer", "updated_unix_ms", "demand", "keys", "limit_window_seconds")
     GATEWAY_ID_FIELD_NUMBER: _ClassVar[int]
     ADDRESS_FIELD_NUMBER: _ClassVar[int]
     STARTED_UNIX_MS_FIELD_NUMBER: _ClassVar[int]
+    USAGE_WRITER_FIELD_NUMBER: _ClassVar[int]
+    UPDATED_UNIX_MS_FIELD_NUMBER: _ClassVar[int]
+    DEMAND_FIELD_NUMBER: _ClassVar[int]
+    KEYS_FIELD_NUMBER: _ClassVar[int]
+    LIMIT_WINDOW_SECONDS_FIELD_NUMBER: _ClassVar[int]
     gateway_id: str
     address: str
     started_unix_ms: int
-    def __init__(self, gateway_id: _Optional[str] = ..., address: _Optional[str] = ..., started_unix_ms: _Optional[int] = ...) -> None: ...
+    usage_writer: str
+    updated_unix_ms: int
+    demand: _containers.RepeatedCompositeFieldContainer[Demand]
+    keys: _containers.RepeatedCompositeFieldContainer[KeyLoad]
+    limit_window_seconds: int
+    def __init__(self, gateway_id: _Optional[str] = ..., address: _Optional[str] = ..., started_unix_ms: _Optional[int] = ..., usage_writer: _Optional[str] = ..., updated_unix_ms: _Optional[int] = ..., demand: _Optional[_Iterable[_Union[Demand, _Mapping]]] = ..., keys: _Optional[_Iterable[_Union[KeyLoad, _Mapping]]] = ..., limit_window_seconds: _Optional[int] = ...) -> None: ...
+
+class KeyLoad(_message.Message):
+    __slots__ = ("key_id", "admitted_requests", "admitted_tokens", "request_demand", "token_demand")
+    KEY_ID_FIELD_NUMBER: _ClassVar[int]
+    ADMITTED_REQUESTS_FIELD_NUMBER: _ClassVar[int]
+    ADMITTED_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    REQUEST_DEMAND_FIELD_NUMBER: _ClassVar[int]
+    TOKEN_DEMAND_FIELD_NUMBER: _ClassVar[int]
+    key_id: str
+    admitted_requests: int
+    admitted_tokens: int
+    request_demand: float
+    token_demand: float
+    def __init__(self, key_id: _Optional[str] = ..., admitted_requests: _Optional[int] = ..., admitted_tokens: _Optional[int] = ..., request_demand: _Optional[float] = ..., token_demand: _Optional[float] = ...) -> None: ...
 
 class Usage(_message.Message):
     __slots__ = ("key_id", "model", "gateway_id", "requests", "prompt_tokens", "completion_tokens", "errors", "updated_unix_ms")
@@ -305,6 +329,48 @@ class Usage(_message.Message):
     errors: int
     updated_unix_ms: int
     def __init__(self, key_id: _Optional[str] = ..., model: _Optional[str] = ..., gateway_id: _Optional[str] = ..., requests: _Optional[int] = ..., prompt_tokens: _Optional[int] = ..., completion_tokens: _Optional[int] = ..., errors: _Optional[int] = ..., updated_unix_ms: _Optional[int] = ...) -> None: ...
+
+class UsageCell(_message.Message):
+    __slots__ = ("key", "model", "requests", "prompt_tokens", "completion_tokens", "errors")
+    KEY_FIELD_NUMBER: _ClassVar[int]
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    REQUESTS_FIELD_NUMBER: _ClassVar[int]
+    PROMPT_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    COMPLETION_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    ERRORS_FIELD_NUMBER: _ClassVar[int]
+    key: int
+    model: int
+    requests: int
+    prompt_tokens: int
+    completion_tokens: int
+    errors: int
+    def __init__(self, key: _Optional[int] = ..., model: _Optional[int] = ..., requests: _Optional[int] = ..., prompt_tokens: _Optional[int] = ..., completion_tokens: _Optional[int] = ..., errors: _Optional[int] = ...) -> None: ...
+
+class UsageBlock(_message.Message):
+    __slots__ = ("period", "writer", "gateway_id", "updated_unix_ms", "seq", "key_ids", "owners", "models", "cells", "final", "folded")
+    PERIOD_FIELD_NUMBER: _ClassVar[int]
+    WRITER_FIELD_NUMBER: _ClassVar[int]
+    GATEWAY_ID_FIELD_NUMBER: _ClassVar[int]
+    UPDATED_UNIX_MS_FIELD_NUMBER: _ClassVar[int]
+    SEQ_FIELD_NUMBER: _ClassVar[int]
+    KEY_IDS_FIELD_NUMBER: _ClassVar[int]
+    OWNERS_FIELD_NUMBER: _ClassVar[int]
+    MODELS_FIELD_NUMBER: _ClassVar[int]
+    CELLS_FIELD_NUMBER: _ClassVar[int]
+    FINAL_FIELD_NUMBER: _ClassVar[int]
+    FOLDED_FIELD_NUMBER: _ClassVar[int]
+    period: str
+    writer: str
+    gateway_id: str
+    updated_unix_ms: int
+    seq: int
+    key_ids: _containers.RepeatedScalarFieldContainer[str]
+    owners: _containers.RepeatedScalarFieldContainer[str]
+    models: _containers.RepeatedScalarFieldContainer[str]
+    cells: _containers.RepeatedCompositeFieldContainer[UsageCell]
+    final: bool
+    folded: bool
+    def __init__(self, period: _Optional[str] = ..., writer: _Optional[str] = ..., gateway_id: _Optional[str] = ..., updated_unix_ms: _Optional[int] = ..., seq: _Optional[int] = ..., key_ids: _Optional[_Iterable[str]] = ..., owners: _Optional[_Iterable[str]] = ..., models: _Optional[_Iterable[str]] = ..., cells: _Optional[_Iterable[_Union[UsageCell, _Mapping]]] = ..., final: _Optional[bool] = ..., folded: _Optional[bool] = ...) -> None: ...
 
 class NodeControl(_message.Message):
     __slots__ = ("node_id", "drain", "reason", "requested_unix_ms", "requested_by")

@@ -2,7 +2,7 @@
 
     read_live(store, keys) ──▶ LiveRecords        tenants/ listed at revision R (the newest), then
         │                                          nodes/, instances/ (legacy), desired/, models/,
-        │                                          demand/, plans/ listed *at R*: one consistent cut
+        │                                          gateways/, demand/, plans/ listed *at R*: one consistent cut
         ▼
     assemble_snapshot(records, cluster, now) ──▶ Assembly(snapshot, warnings, invalid)
 
@@ -21,7 +21,8 @@ What comes from where:
   that ignored it would start a duplicate and orphan its key. The assignment id is the replica id,
   so KEEP/STOP actions name the key to keep or delete.
 * models: the catalog (``ModelSpec``); ``reference_rps`` comes from the cluster file.
-* demand: the sum over gateways of ``Demand.requests_per_second`` per model (or an override).
+* demand: the sum over gateways of ``Demand.requests_per_second`` per model (or an override), from
+  each gateway's ``GatewayRecord.demand`` (and the per-model ``demand/`` records of older gateways).
 * everything else (prices, speeds, profiles, budget, horizon, weights): `ClusterConfig`.
 
 A node whose GPU type the cluster file does not price is left out *with its assignments*
@@ -41,8 +42,9 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from controlplane.accounting.demand import demand_of
 from controlplane.keys import Keys, RecordDecodeError, decode, decode_segment
-from controlplane.pb import Assignment, Demand, InstanceRecord, ModelSpec, NodeRecord, PlanRecord
+from controlplane.pb import Assignment, Demand, GatewayRecord, InstanceRecord, ModelSpec, NodeRecord, PlanRecord
 from controlplane.planner.snapshot import (
     KNOWN_TP_DEGREES,
     GpuInfo,
@@ -143,7 +145,8 @@ async def read_live(store: EtcdStore, keys: Keys) -> LiveRecords:
     rev = pool.revision
     at = {name: (await store.list_prefix(prefix, revision=rev))[0] for name, prefix in (
         ("desired", keys.desired), ("models", keys.models),
-        ("demand", keys.demand), ("plans", keys.current_plan.rsplit("/", 1)[0] + "/"))}
+        ("demand", keys.demand), ("gateways", keys.gateways),
+        ("plans", keys.current_plan.rsplit("/", 1)[0] + "/"))}
     warnings: list[str] = list(pool.warnings)
     mods: dict[str, int] = dict(pool.mod_revisions)
 
@@ -182,7 +185,8 @@ async def read_live(store: EtcdStore, keys: Keys) -> LiveRecords:
         instances=tuple(instances),
         desired=tuple(desired),
         models=tuple(decoded(at["models"], ModelSpec)),
-        demand=tuple(decoded(at["demand"], Demand)),
+        # gateways publish demand in their GatewayRecord; demand/<model>/<gw> is from older gateways
+        demand=tuple(demand_of(decoded(at["gateways"], GatewayRecord), decoded(at["demand"], Demand))),
         current_plan=current[0] if current else None,
         mod_revisions=mods,
         decode_warnings=tuple(warnings),

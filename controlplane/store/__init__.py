@@ -7,7 +7,7 @@
     WatchedCache    a typed copy of one prefix, run under the loop runner (store/cache.py)
 """
 
-from controlplane.store.client import Cmp, EtcdStore, KeyValue, Op
+from controlplane.store.client import Cmp, EtcdStore, KeyValue, MemberStatus, Op
 from controlplane.store.config import EtcdConfig, EtcdConfigError
 from controlplane.store.errors import LeaseLost, StoreAuthError, StoreError, StoreUnavailable, TxnConflict
 from controlplane.store.lease import LeaseSession
@@ -23,6 +23,7 @@ __all__ = [
     "KeyValue",
     "LeaseLost",
     "LeaseSession",
+    "MemberStatus",
     "Op",
     "Progress",
     "Resync",

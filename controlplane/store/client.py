@@ -48,6 +48,19 @@ class KeyValue:
 
 
 @dataclass(frozen=True, slots=True)
+class MemberStatus:
+    """What one etcd member says about itself and the cluster's alarms (Maintenance.Status / Alarm)."""
+
+    endpoint: str
+    version: str
+    db_size_bytes: int              # the backend file, free pages included (what the quota counts)
+    db_size_in_use_bytes: int       # after compaction; the rest is reclaimed by defragmentation
+    leader: int
+    raft_index: int
+    alarms: tuple[str, ...] = ()    # e.g. ("NOSPACE",): the cluster refuses writes
+
+
+@dataclass(frozen=True, slots=True)
 class Cmp:
     """A transaction guard. Build with the ``Cmp.*`` constructors."""
 
@@ -333,6 +346,25 @@ class EtcdStore:
                 raise StoreError("keepalive stream closed without an answer")
             return int(resp.TTL)
         return await self._call(f"keepalive lease {lease_id:x}", once)
+
+    async def member_status(self, timeout: float = 2.0) -> MemberStatus:
+        """Database size, version and alarms of the member this client talks to."""
+        try:
+            st = await self.client.maintenance.status(timeout=timeout, max_attempts=1)  # type: ignore[union-attr]
+        except (EtcdError, grpc.aio.AioRpcError, TimeoutError) as exc:
+            raise _translate(exc, "status") from exc
+        names = {0: "NONE", 1: "NOSPACE", 2: "CORRUPT"}
+        try:
+            resp = await self.client.maintenance.alarms(timeout=timeout, max_attempts=1)  # type: ignore[union-attr]
+            alarms = tuple(sorted({names.get(int(a.alarm), str(int(a.alarm))) for a in resp.alarms if int(a.alarm)}))
+        except (EtcdUnauthenticatedError, EtcdPermissionDeniedError):
+            alarms = ()    # listing alarms may need etcd's root role; the size alone still warns
+        except (EtcdError, grpc.aio.AioRpcError, TimeoutError) as exc:
+            raise _translate(exc, "alarms") from exc
+        return MemberStatus(
+            endpoint=",".join(self.config.endpoints), version=str(st.version), db_size_bytes=int(st.dbSize),
+            db_size_in_use_bytes=int(getattr(st, "dbSizeInUse", 0)) or int(st.dbSize), leader=int(st.leader),
+            raft_index=int(st.raftIndex), alarms=alarms)
 
     async def probe(self, timeout: float = 2.0) -> int:
         """A linearizable read that must answer within ``timeout`` (the whole call, retries

@@ -1,7 +1,7 @@
 """Demand the pool cannot serve yet reaches etcd: the harvester's input (issue 16, item 2).
 
 A catalog model with no instance at all is answered 503 with ``Retry-After`` (not 404), and the
-request still counts in the gateway's ``demand/<model>/<gateway_id>`` record.
+request still counts in the demand the gateway publishes in its ``gateways/<gateway_id>`` record.
 """
 
 from __future__ import annotations
@@ -13,14 +13,15 @@ import aiohttp
 import pytest
 
 from controlplane.etcdproc import EtcdProcess
+from controlplane.accounting.demand import demand_of
 from controlplane.keys import Keys, decode
-from controlplane.pb import Demand, ModelAccess, ModelSpec
+from controlplane.pb import Demand, GatewayRecord, ModelAccess, ModelSpec
 from controlplane.store import EtcdConfig, EtcdStore
 from gateway.app import GatewayConfig
 from gateway.fleet import FleetSettings
 from tests.cluster import eventually, gateway_in_process
 
-FAST = FleetSettings(lease_ttl_s=4, demand_interval_s=0.2, usage_flush_s=0.2)
+FAST = FleetSettings(lease_ttl_s=4, publish_interval_s=0.2, usage_flush_s=0.2)
 
 
 @pytest.fixture
@@ -48,13 +49,16 @@ async def test_a_catalog_model_without_instances_is_503_with_retry_after_and_cou
             async with http.post(f"{url}/v1/chat/completions", json={**body, "model": "not-in-catalog"}) as r:
                 assert r.status == 404  # unknown models are not demand
 
-        async def demand() -> Demand | None:
-            kv = await store.get(keys.demand_entry(spec.name, gw.config.gateway_id))
-            return decode(Demand, kv) if kv is not None else None
+        async def published() -> dict[str, Demand]:
+            kv = await store.get(keys.gateway(gw.config.gateway_id))
+            return {d.model: d for d in demand_of([decode(GatewayRecord, kv)], [])} if kv is not None else {}
 
-        d = await eventually(demand, what="demand record of the unserved model")
-        assert d.model == spec.name and d.requests_per_second > 0
-        assert await store.get(keys.demand_entry("not-in-catalog", gw.config.gateway_id)) is None
+        async def demand() -> Demand | None:
+            return (await published()).get(spec.name)
+
+        d = await eventually(demand, what="demand of the unserved model in the gateway record")
+        assert d.requests_per_second > 0
+        assert "not-in-catalog" not in await published()
 
 
 async def _true(value: bool) -> bool:

@@ -1,4 +1,4 @@
-"""Rate limits (pure, clock injected), usage book, demand meter, private-model access, 429 envelope."""
+"""Rate limits (pure, clock injected), demand meter, private-model access, 429 envelope."""
 
 from __future__ import annotations
 
@@ -8,14 +8,14 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from controlplane.keys import Keys
-from controlplane.pb import ApiKey, ModelAccess, ModelSpec, Usage
+from controlplane.pb import ApiKey, ModelAccess, ModelSpec
 from controlplane.store import Change, Changes, KeyValue, Resync
 from controlplane.store.cache import proto_decoder, to_event
 from gateway.auth import ANONYMOUS, ModelAccessTable, Principal, check_model_access
 from gateway.errors import Forbidden, ModelNotFound, RateLimited, error_body
-from gateway.limits import REQUESTS, TOKENS, RateLimiter, TokenBucket, format_duration, share
+from gateway.limits import REQUESTS, TOKENS, PeerLoad, RateLimiter, format_duration, peers_from, quota_of, share_of
 from gateway.sse import TokenUsage
-from gateway.usage import DemandMeter, UsageBook
+from gateway.usage import DemandMeter
 
 SPECS = proto_decoder(ModelSpec)  # what the gateway's cache decodes with
 
@@ -24,43 +24,7 @@ def key(rpm: int = 0, tpm: int = 0, kid: str = "k1") -> ApiKey:
     return ApiKey(key_id=kid, owner="ann", requests_per_minute=rpm, tokens_per_minute=tpm)
 
 
-# -- token bucket ------------------------------------------------------------------------------
-
-
-def test_bucket_refills_smoothly_and_caps_at_capacity() -> None:
-    b = TokenBucket.full(10, 1.0, now=0.0)
-    assert all(b.take(1, 0.0) for _ in range(10))
-    assert not b.take(1, 0.0)
-    assert b.seconds_until(1, 0.0) == pytest.approx(1.0)
-    assert b.take(1, 1.0) and not b.take(1, 1.0)
-    b.refill(1000.0)
-    assert b.level == 10
-
-
-def test_bucket_charge_goes_negative_and_recovers_at_rate() -> None:
-    b = TokenBucket.full(100, 10.0, now=0.0)
-    b.charge(250, 0.0)
-    assert b.level == -150
-    assert b.seconds_until(0, 0.0) == pytest.approx(15.0)
-    b.refill(15.0)
-    assert b.level == pytest.approx(0.0)
-
-
-@settings(max_examples=200, deadline=None)
-@given(limit=st.integers(1, 10_000), n=st.integers(1, 16),
-       steps=st.lists(st.floats(0, 5, allow_nan=False), max_size=60))
-def test_bucket_never_grants_more_than_burst_plus_refill(limit: int, n: int, steps: list[float]) -> None:
-    capacity, rate = share(limit, n)
-    b = TokenBucket.full(capacity, rate, 0.0)
-    now, granted = 0.0, 0
-    for dt in steps:
-        now += dt
-        while b.take(1, now):
-            granted += 1
-    assert granted <= capacity + rate * now + 1e-6
-
-
-# -- limiter -----------------------------------------------------------------------------------
+# -- limiter: one gateway ----------------------------------------------------------------------
 
 
 def test_unlimited_key_is_always_allowed_without_headers() -> None:
@@ -69,68 +33,123 @@ def test_unlimited_key_is_always_allowed_without_headers() -> None:
     assert v.allowed and not v.headers
 
 
-def test_rpm_allows_the_burst_then_429_with_retry_after() -> None:
+def test_rpm_is_a_sliding_minute_the_whole_limit_at_once_then_nothing_until_it_leaves() -> None:
     lim = RateLimiter()
     k = key(rpm=6)
-    verdicts = [lim.admit(k, 0.0) for _ in range(7)]
+    verdicts = [lim.admit(k, 0.2) for _ in range(7)]
     assert [v.allowed for v in verdicts] == [True] * 6 + [False]
     denied = verdicts[-1]
     assert denied.kind == REQUESTS
-    assert denied.retry_after_s == 10           # 6/min refills one every 10 s
+    assert denied.retry_after_s == 61           # second 0 counts until second 61 (the window never undercounts)
     assert denied.headers["x-ratelimit-limit-requests"] == "6"
     assert denied.headers["x-ratelimit-remaining-requests"] == "0"
     assert verdicts[0].headers["x-ratelimit-remaining-requests"] == "5"
-    assert lim.admit(k, 9.0).allowed is False
-    assert lim.admit(k, 10.0).allowed is True
+    assert not lim.admit(k, 60.9).allowed
+    assert sum(lim.admit(k, 61.0).allowed for _ in range(10)) == 6
 
 
-def test_fleet_share_halves_the_local_burst_and_rate() -> None:
+@settings(max_examples=150, deadline=None)
+@given(limit=st.integers(1, 500), gaps=st.lists(st.floats(0, 3, allow_nan=False), min_size=1, max_size=300))
+def test_one_gateway_never_admits_more_than_the_limit_in_any_60_s(limit: int, gaps: list[float]) -> None:
+    lim = RateLimiter()
+    k = key(rpm=limit)
+    now, admitted = 0.0, []
+    for gap in gaps:
+        now += gap
+        if lim.admit(k, now).allowed:
+            admitted.append(now)
+    for i, t in enumerate(admitted):                 # every window [t, t + 60)
+        assert sum(1 for u in admitted[i:] if u < t + 60) <= limit
+
+
+def test_a_greedy_client_gets_the_whole_limit_every_minute() -> None:
+    lim = RateLimiter()
+    k = key(rpm=120)
+    times = [i * 0.05 for i in range(int(180 / 0.05))]
+    got = [t for t in times if lim.admit(k, t).allowed]
+    for start in (0, 61, 122):
+        assert sum(1 for t in got if start <= t < start + 61) == 120
+
+
+def test_cold_start_takes_one_nth_until_demand_is_published() -> None:
     lim = RateLimiter(fleet_size=2)
     k = key(rpm=10)
-    allowed = sum(lim.admit(k, 0.0).allowed for _ in range(10))
-    assert allowed == 5
-    v = lim.admit(k, 0.0)
-    assert v.retry_after_s == 12                # 5/min per gateway: one every 12 s
-    # the gateway reports a fleet-wide estimate of what is left, never more than the limit
-    lim2 = RateLimiter(fleet_size=2)
-    assert lim2.admit(k, 0.0).headers["x-ratelimit-remaining-requests"] == "8"
+    assert sum(lim.admit(k, 0.0).allowed for _ in range(10)) == 5
+    lim.set_published({"k1": (1.0, 0.0)})           # we published demand; nobody else did: share 1
+    assert sum(lim.admit(k, 1.0).allowed for _ in range(10)) == 5
+    assert not lim.admit(k, 1.0).allowed
 
 
-def test_fleet_size_change_resizes_existing_buckets() -> None:
-    lim = RateLimiter(fleet_size=1)
-    k = key(rpm=60)
-    assert lim.admit(k, 0.0).allowed            # 59 left of 60
-    lim.set_fleet_size(4)                       # now 15 per gateway: level clipped to 15
-    assert sum(lim.admit(k, 0.0).allowed for _ in range(20)) == 15
-    lim.set_fleet_size(0)                       # never below one gateway
-    assert lim.fleet_size == 1
+def test_shares_follow_published_demand_and_others_admissions_cap_them() -> None:
+    lim = RateLimiter(fleet_size=3)
+    k = key(rpm=100)
+    lim.set_published({"k1": (3.0, 0.0)})
+    lim.set_peers({"k1": PeerLoad(admitted_requests=10, request_demand=1.0)})
+    assert share_of(3.0, 1.0, 3, asking=True) == pytest.approx(0.75)
+    assert sum(lim.admit(k, 0.0).allowed for _ in range(100)) == 75
+    # another gateway admitted 50 meanwhile: only 100 - 50 - 75 < 0 left, nothing more here
+    lim.set_peers({"k1": PeerLoad(admitted_requests=50, request_demand=1.0)})
+    v = lim.admit(k, 1.0)
+    assert not v.allowed and v.headers["x-ratelimit-remaining-requests"] == "0"
+    assert quota_of(100, 0.75, 50) == 50
 
 
-def test_tiny_share_still_admits_one_request() -> None:
+def test_a_gateway_new_to_a_key_gets_at_least_one_nth_capped_by_what_others_used() -> None:
+    assert share_of(0.0, 5.0, 4, asking=True) == pytest.approx(0.25)
+    assert share_of(0.0, 5.0, 4, asking=False) == 0.0
+    lim = RateLimiter(fleet_size=4)
+    lim.set_peers({"k1": PeerLoad(admitted_requests=95, request_demand=5.0)})
+    assert sum(lim.admit(key(rpm=100), 0.0).allowed for _ in range(20)) == 5
+
+
+def test_stale_view_falls_back_to_a_static_share() -> None:
+    lim = RateLimiter(fleet_size=4)
+    lim.set_published({"k1": (9.0, 0.0)})
+    lim.set_peers({"k1": PeerLoad(admitted_requests=0, request_demand=0.0)})
+    assert sum(lim.admit(key(rpm=100), 0.0, fresh=False).allowed for _ in range(100)) == 25
+
+
+def test_limit_below_the_fleet_size_still_admits_one_request_per_gateway() -> None:
     lim = RateLimiter(fleet_size=4)
     k = key(rpm=1)
     assert lim.admit(k, 0.0).allowed
     v = lim.admit(k, 0.0)
-    assert not v.allowed and v.retry_after_s == 240     # 0.25/min per gateway
+    assert not v.allowed and v.retry_after_s == 61
+    other = RateLimiter(fleet_size=4)
+    other.set_peers({"k1": PeerLoad(admitted_requests=1, request_demand=1.0)})
+    assert not other.admit(k, 0.0).allowed          # the others used the whole limit already
 
 
-def test_tpm_denies_while_negative_after_charging_usage() -> None:
+def test_tpm_denies_once_the_window_holds_the_limit_and_a_response_may_overdraw() -> None:
     lim = RateLimiter()
-    k = key(tpm=600)                            # 10 tokens/s
+    k = key(tpm=600)
     assert lim.admit(k, 0.0).allowed
-    lim.charge_tokens(k, 900, 0.0)              # 600 - 900 = -300
-    v = lim.admit(k, 0.0)
-    assert not v.allowed and v.kind == TOKENS and v.retry_after_s == 30
+    lim.charge_tokens(k, 900, 0.5)                  # one response overdraws
+    v = lim.admit(k, 1.0)
+    assert not v.allowed and v.kind == TOKENS and v.retry_after_s == 60
     assert v.headers["x-ratelimit-remaining-tokens"] == "0"
-    assert not lim.admit(k, 29.0).allowed
-    assert lim.admit(k, 30.0).allowed
+    assert not lim.admit(k, 60.5).allowed
+    assert lim.admit(k, 61.0).allowed
 
 
-def test_limits_follow_key_changes_and_forget_removed_keys() -> None:
+def test_loads_report_the_window_and_demand_and_forget_idle_keys() -> None:
+    lim = RateLimiter()
+    k = key(rpm=5, tpm=1000)
+    for i in range(8):
+        if lim.admit(k, 100.0 + i * 0.1).allowed:
+            lim.charge_tokens(k, 20, 100.0 + i * 0.1)
+    (load,) = lim.loads(101.0)
+    assert (load.key_id, load.admitted_requests, load.admitted_tokens) == ("k1", 5, 100)
+    assert load.request_demand == pytest.approx(0.8)            # 8 asked over 10 s
+    assert load.token_demand == pytest.approx(0.8 * 20)
+    assert lim.loads(500.0) == []                                # empty window: forgotten
+    assert peers_from([[load], [load]])["k1"] == PeerLoad(10, 200, 1.6, 32.0)
+
+
+def test_forget_removed_keys() -> None:
     lim = RateLimiter()
     assert sum(lim.admit(key(rpm=2), 0.0).allowed for _ in range(5)) == 2
     assert lim.admit(key(rpm=0), 0.0).allowed               # limit removed
-    assert sum(lim.admit(key(rpm=5), 0.0).allowed for _ in range(5)) == 0   # level kept (0), capacity 5
     lim.forget(set())
     assert sum(lim.admit(key(rpm=5), 0.0).allowed for _ in range(6)) == 5
 
@@ -151,31 +170,7 @@ def test_rate_limited_error_is_openai_shaped() -> None:
                                            "code": "rate_limit_exceeded"}
 
 
-# -- usage book and demand ---------------------------------------------------------------------
-
-
-def test_usage_book_is_cumulative_and_flushes_only_dirty_entries() -> None:
-    book = UsageBook()
-    book.record("k1", "m", TokenUsage(3, 4), error=False)
-    book.record("k1", "m", None, error=True)
-    book.record("k2", "m", TokenUsage(1, 1), error=False)
-    recs = {(r.key_id, r.model): r for r in book.take_dirty("gw", 5)}
-    assert recs[("k1", "m")] == Usage(key_id="k1", model="m", gateway_id="gw", requests=2, prompt_tokens=3,
-                                      completion_tokens=4, errors=1, updated_unix_ms=5)
-    assert book.take_dirty("gw", 6) == []
-    book.record("k2", "m", TokenUsage(1, 1), error=False)
-    (again,) = book.take_dirty("gw", 7)
-    assert (again.key_id, again.requests, again.prompt_tokens) == ("k2", 2, 2)
-    book.mark_dirty([again])
-    assert [r.key_id for r in book.take_dirty("gw", 8)] == ["k2"]
-
-
-def test_usage_book_seed_continues_counts() -> None:
-    book = UsageBook()
-    book.seed([Usage(key_id="k", model="m", requests=10, prompt_tokens=5, completion_tokens=6, errors=1)])
-    book.record("k", "m", TokenUsage(1, 2), error=False)
-    (r,) = book.take_dirty("gw", 0)
-    assert (r.requests, r.prompt_tokens, r.completion_tokens, r.errors) == (11, 6, 8, 1)
+# -- demand ----------------------------------------------------------------------------------
 
 
 def test_demand_meter_rates_over_the_window_and_drops_idle_models() -> None:

@@ -108,7 +108,7 @@ def test_role_permissions() -> None:
     assert "read tenants/*" in gateway and "readwrite usage/*" in gateway and "read keys/*" in gateway
     assert not any("desired" in p or ("models/*" in p and "readwrite" in p) for p in gateway)
     tenant = {p.describe("/p") for p in tenant_perms(K, "nlp")}
-    assert tenant == {"read <prefix>/ (key)", "readwrite tenants/nlp/*", "read models/*", "read gateways/*",
+    assert tenant == {"read <prefix>/ (key)", "readwrite tenants/nlp/*", "read models/*",
                       "read control/nodes/*", "read desired/nlp%2F*"}
     admin = service_role_perms(K, ServiceRole.admin)
     assert admin == (Perm("/p/", "/p0", Access.readwrite),)
