@@ -12,8 +12,8 @@ from collections.abc import AsyncIterator
 import aiohttp
 import pytest
 
-from controlplane.etcdproc import EtcdProcess
 from controlplane.accounting.demand import demand_of
+from controlplane.etcdproc import EtcdProcess
 from controlplane.keys import Keys, decode
 from controlplane.pb import Demand, GatewayRecord, ModelAccess, ModelSpec
 from controlplane.store import EtcdConfig, EtcdStore
