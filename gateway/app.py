@@ -32,15 +32,16 @@ from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from controlplane.keys import Keys
 from controlplane.store import EtcdConfig, EtcdStore, watch_prefix
 from gateway.accesslog import FLUSH_S, AccessLog
-from gateway.auth import ANONYMOUS, KeyTable, ModelAccessTable, Principal, check_model_access
+from gateway.auth import ANONYMOUS, KeyTable, ModelAccessTable, Principal, check_model_access, model_not_found
+from gateway.edge import EdgeLimits
 from gateway.ejection import Ejections
-from gateway.errors import GatewayError, ModelNotFound, NoCapacity, RateLimited
+from gateway.errors import GatewayError, NoCapacity, RateLimited
 from gateway.fleet import FleetMember, FleetSettings
 from gateway.limits import RateLimiter
 from gateway.metrics import UNKNOWN_MODEL, GatewayMetrics
 from gateway.proxy import Exchange, Forwarder, ProxySettings, parse_model
 from gateway.routing import SESSION_HEADER
-from gateway.server import Handler, HttpServer, Request, Response
+from gateway.server import HttpServer, Request, Response, Route
 from gateway.sse import TOKEN_FIELDS, with_usage_requested
 from gateway.table import Endpoint, RoutingTable
 from gateway.upstream import UpstreamPool
@@ -72,7 +73,7 @@ class GatewayConfig:
 
     etcd: EtcdConfig
     auth: bool = True
-    max_body_bytes: int = 32 * 1024 * 1024
+    edge: EdgeLimits = field(default_factory=EdgeLimits)   # bounds of the HTTP edge (docs/security.md)
     proxy: ProxySettings = field(default_factory=ProxySettings)
     gateway_id: str = field(default_factory=lambda: uuid.uuid4().hex[:12])
     address: str = ""                    # host:port clients reach this gateway at (GatewayRecord)
@@ -138,13 +139,19 @@ class Gateway:
 
     def http_server(self) -> HttpServer:
         """The HTTP server of this gateway's routes."""
-        forward: dict[str, Handler] = {"POST": self.forward}
-        return HttpServer(
+        # The API key is checked when the request head is complete (Route.admit): a keyless or bad
+        # key is answered 401 before one byte of its body is buffered.
+        forward = {"POST": Route(self.forward, admit=self._authenticate)}
+        keyed_get = {"GET": Route(self.list_models, admit=self._authenticate, body=False)}
+        live = {"GET": self.healthz}
+        server = HttpServer(
             {**{path: forward for path in FORWARDED_ROUTES},
-             "/v1/models": {"GET": self.list_models}, "/healthz": {"GET": self.healthz},
+             "/v1/models": keyed_get, "/healthz": live, "/health": live,
              "/readyz": {"GET": self.readyz}, "/metrics": {"GET": self.prometheus}},
-            prefix_routes=[("/v1/models/", {"GET": self.get_model})],
-            max_body_bytes=self.config.max_body_bytes)
+            prefix_routes=[("/v1/models/", {"GET": Route(self.get_model, admit=self._authenticate, body=False)})],
+            limits=self.config.edge)
+        self.metrics.bind_server(server)
+        return server
 
     @contextlib.asynccontextmanager
     async def background(self) -> AsyncIterator[None]:
@@ -210,10 +217,16 @@ class Gateway:
 
     # -- handlers ----------------------------------------------------------------------------
 
-    def _principal(self, request: Request) -> Principal:
+    def _authenticate(self, request: Request) -> Principal:
+        """The caller of ``request`` (run at headers-complete); Unauthorized (401) without a valid key."""
         if not self.config.auth:
             return ANONYMOUS
         return self.api_keys.authenticate(request.header(b"authorization"))
+
+    @staticmethod
+    def _principal(request: Request) -> Principal:
+        principal = request.context
+        return principal if isinstance(principal, Principal) else ANONYMOUS
 
     async def forward(self, request: Request, response: Response) -> None:
         """POST /v1/… routed by the body's ``model``."""
@@ -223,14 +236,14 @@ class Gateway:
         counted = False      # a visible, known model: the request counts in usage
         arrived = False      # ... and it passed the rate limits: it counts as demand
         ex: Exchange | None = None
+        response.logged = True   # the access line of _finished logs every outcome, rejections included
         try:
             principal = self._principal(request)
             body = request.body
             model, payload = parse_model(body)
-            check_model_access(principal, model, self.access)
             candidates = self.table.ready(model)
-            if not candidates and not (self.table.known(model) or self.access.in_catalog(model)):
-                raise ModelNotFound(f"The model '{model}' does not exist or is not served right now.", param="model")
+            exists = bool(candidates) or self.table.known(model) or self.access.in_catalog(model)
+            check_model_access(principal, model, self.access, exists=exists)
             counted = True
             extra = self._admit(principal, started)
             self.demand.arrived(model, started)
@@ -292,7 +305,7 @@ class Gateway:
         if failure is None:
             self.ejections.succeeded(ep.instance_id)
         elif self.ejections.failed(ep.instance_id):
-            self.metrics.ejections.labels(ep.model).inc()
+            self.metrics.ejections.inc(ep.model)
             log.warning("instance ejected", instance=ep.instance_id, model=ep.model, reason=failure,
                         for_s=round(self.ejections.remaining(ep.instance_id), 2))
 
@@ -309,7 +322,7 @@ class Gateway:
         model = unquote(request.path.removeprefix("/v1/models/"))
         if (model not in self.table.models() or not self.access.visible(principal, model)
                 or not principal.may_use(model)):
-            raise ModelNotFound(f"The model '{model}' does not exist or is not served right now.", param="model")
+            raise model_not_found(model)
         response.send_json(200, self._model_card(model))
 
     def _model_card(self, model: str) -> dict[str, object]:
@@ -322,7 +335,7 @@ class Gateway:
         }
 
     async def healthz(self, _: Request, response: Response) -> None:
-        """Liveness: the process answers."""
+        """Liveness: the process answers (``/healthz``, and ``/health`` as vLLM and benchmark clients probe it)."""
         response.send_json(200, {"status": "ok"})
 
     async def readyz(self, _: Request, response: Response) -> None:

@@ -7,12 +7,15 @@
      ├── ModelNotFound     404  model_not_found
      ├── RouteNotFound     404  invalid_request_error (an unknown URL, worded as OpenAI words it)
      ├── MethodNotAllowed  405  invalid_request_error (with Allow)
+     ├── RequestTimeout    408  invalid_request_error (a request head or body not received in time)
      ├── PayloadTooLarge   413  invalid_request_error
      ├── UriTooLong        414  invalid_request_error
      ├── HeadersTooLarge   431  invalid_request_error
      ├── RateLimited       429  type "requests" | "tokens", code rate_limit_exceeded (with Retry-After),
      │                         as OpenAI answers a key over its RPM / TPM
      ├── NoCapacity        503  service_unavailable (no READY instance can take it)
+     ├── ServerBusy        503  service_unavailable (an edge budget is spent: connections, body bytes;
+     │                         with Retry-After)
      ├── UpstreamFailed    502  upstream_error (every attempt failed before the first byte)
      └── UpstreamTimeout   504  upstream_timeout
 """
@@ -65,6 +68,10 @@ class MethodNotAllowed(GatewayError):
     status, type = 405, "invalid_request_error"
 
 
+class RequestTimeout(GatewayError):
+    status, type, code = 408, "invalid_request_error", "request_timeout"
+
+
 class PayloadTooLarge(GatewayError):
     status, type, code = 413, "invalid_request_error", "payload_too_large"
 
@@ -89,6 +96,15 @@ class RateLimited(GatewayError):
 
 class NoCapacity(GatewayError):
     status, type, code = 503, "service_unavailable", "no_capacity"
+
+
+class ServerBusy(GatewayError):
+    """The gateway is at one of its edge budgets; the client should come back shortly."""
+
+    status, type, code = 503, "service_unavailable", "server_busy"
+
+    def __init__(self, message: str, *, retry_after_s: int = 1) -> None:
+        super().__init__(message, headers={"Retry-After": str(retry_after_s)})
 
 
 class UpstreamFailed(GatewayError):

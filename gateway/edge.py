@@ -1,0 +1,168 @@
+"""The HTTP edge's limits and the per-connection deadline clock: pure bookkeeping, clock passed in.
+
+Every input the edge accepts has a bound with a default and a ``ctl gateway`` flag
+(docs/security.md lists them all with the reasons for the defaults):
+
+    accept ─▶ HEAD (head_timeout_s from accept, or from the first byte of a later request)
+               │ head complete
+               ▼
+             BODY (body_timeout_s from the end of the head) ─▶ answered (no reading deadline)
+               │ rejected before/while its body arrives                │ queue empty
+               ▼                                                       ▼
+             LINGER (linger_s: the rest of the body is discarded,   IDLE (keepalive_timeout_s)
+                     then the connection closes)                       │ next request's first byte
+                                                                       └─▶ HEAD
+    independent of those: BLOCKED (write_timeout_s while the client does not read our answer)
+
+``PhaseClock`` keeps one insertion-ordered map per phase (connection → when it entered the
+phase). Every phase has one timeout, so each map is also ordered by deadline: the sweep pops
+expired entries from the front, and shedding at the connection cap takes the oldest entry of
+the cheapest phase. Each transition is O(1).
+"""
+
+from __future__ import annotations
+
+import collections
+import enum
+import re
+import resource
+from collections.abc import Callable, Hashable, Iterable, Mapping
+from dataclasses import dataclass
+from typing import Generic, TypeVar
+
+MAX_URL_BYTES = 16 * 1024
+MAX_HEADERS = 128
+MAX_HEADER_BYTES = 64 * 1024     # names and values of one request (and, separately, of its trailers)
+MAX_HEAD_WAIT_BYTES = 1 << 20    # bytes received while no request head completes (one endless header)
+MAX_REQUEST_ID = 128             # a client's X-Request-Id longer than this (or not visible ASCII) is replaced
+
+_REQUEST_ID = re.compile(rb"[\x21-\x7e]{1,%d}" % MAX_REQUEST_ID)
+
+
+class Phase(enum.IntEnum):
+    """Where a connection's reading side is; each phase but NONE has a deadline."""
+
+    NONE = 0     # a request is being answered and nothing of the next one has arrived
+    IDLE = 1     # keep-alive: waiting for the next request
+    HEAD = 2     # a request head is being received (a fresh connection counts from accept)
+    BODY = 3     # a request body is being received
+    LINGER = 4   # rejected: the rest of the body is read and discarded, then the connection closes
+    BLOCKED = 5  # (the writing side) the client has not taken our answer's bytes
+
+
+@dataclass(frozen=True, slots=True)
+class EdgeLimits:
+    """Bounds of the HTTP edge; each is a ``ctl gateway`` flag (see docs/security.md)."""
+
+    max_body_bytes: int = 32 * 1024 * 1024
+    body_budget_bytes: int = 256 * 1024 * 1024   # request-body bytes buffered at once, all connections
+    max_connections: int = 0                     # 0: derived from RLIMIT_NOFILE (``derive_max_connections``)
+    fd_reserve: int = 256                        # descriptors kept for etcd, logs and the listener
+    head_timeout_s: float = 20.0
+    body_timeout_s: float = 60.0
+    write_timeout_s: float = 60.0
+    keepalive_timeout_s: float = 75.0
+    linger_s: float = 5.0                        # discarding a rejected body: at most this long
+
+    def validate(self) -> None:
+        """Raise ValueError naming the first bound that is not positive."""
+        for name in ("max_body_bytes", "body_budget_bytes", "head_timeout_s", "body_timeout_s",
+                     "write_timeout_s", "keepalive_timeout_s", "linger_s"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name} must be > 0")
+        if self.max_connections < 0 or self.fd_reserve < 0:
+            raise ValueError("max_connections and fd_reserve must be >= 0")
+
+    def timeouts(self) -> dict[Phase, float]:
+        """The deadline of each phase, in seconds."""
+        return {Phase.IDLE: self.keepalive_timeout_s, Phase.HEAD: self.head_timeout_s,
+                Phase.BODY: self.body_timeout_s, Phase.LINGER: self.linger_s,
+                Phase.BLOCKED: self.write_timeout_s}
+
+
+def raise_nofile_limit() -> int:
+    """Raise this process's soft RLIMIT_NOFILE to its hard limit (as nginx's worker_rlimit_nofile
+    and Go's runtime do); returns the soft limit now in force."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    target = hard if hard != resource.RLIM_INFINITY else max(soft, 1 << 20)
+    if soft != resource.RLIM_INFINITY and soft < target:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+            soft = target
+        except (ValueError, OSError):
+            pass
+    return soft if soft != resource.RLIM_INFINITY else 1 << 20
+
+
+def derive_max_connections(nofile: int, reserve: int) -> int:
+    """Client connections that fit in ``nofile`` descriptors, ``reserve`` kept aside.
+
+    Every client connection with a request in flight holds one upstream connection too (HTTP/1.1
+    to engines: one request per connection), so each may need two descriptors, as nginx counts
+    ``worker_connections`` for a proxy.
+    """
+    return max(16, (nofile - reserve) // 2)
+
+
+def valid_request_id(value: bytes) -> bool:
+    """True for a client ``X-Request-Id`` the gateway may echo, forward and log."""
+    return _REQUEST_ID.fullmatch(value) is not None
+
+
+C = TypeVar("C", bound=Hashable)
+
+
+class PhaseClock(Generic[C]):
+    """Which connections are in which phase since when; expiry and shedding in deadline order."""
+
+    def __init__(self, timeouts: Mapping[Phase, float]) -> None:
+        self.timeouts = dict(timeouts)
+        self._since: dict[Phase, collections.OrderedDict[C, float]] = {
+            phase: collections.OrderedDict() for phase in self.timeouts}
+        self._where: dict[C, Phase] = {}
+
+    def set(self, conn: C, phase: Phase, now: float) -> None:
+        """``conn`` enters ``phase`` at ``now`` (NONE: it leaves every phase of this clock)."""
+        old = self._where.pop(conn, None)
+        if old is not None:
+            del self._since[old][conn]
+        if phase is not Phase.NONE:
+            self._since[phase][conn] = now
+            self._where[conn] = phase
+
+    def phase(self, conn: C) -> Phase:
+        """The phase ``conn`` is in (NONE when it is in none of this clock's)."""
+        return self._where.get(conn, Phase.NONE)
+
+    def forget(self, conn: C) -> None:
+        """``conn`` is gone."""
+        self.set(conn, Phase.NONE, 0.0)
+
+    def expired(self, now: float) -> list[tuple[C, Phase]]:
+        """Connections whose phase deadline passed by ``now``; they leave the clock."""
+        out: list[tuple[C, Phase]] = []
+        for phase, since in self._since.items():
+            deadline = now - self.timeouts[phase]
+            while since:
+                conn, entered = next(iter(since.items()))
+                if entered > deadline:
+                    break
+                since.popitem(last=False)
+                del self._where[conn]
+                out.append((conn, phase))
+        return out
+
+    def oldest(self, phases: Iterable[Phase], eligible: Callable[[C], bool] = lambda _: True) -> C | None:
+        """The longest-waiting eligible connection of the first of ``phases`` that has one."""
+        for phase in phases:
+            for conn in self._since.get(phase, ()):
+                if eligible(conn):
+                    return conn
+        return None
+
+    def count(self, phase: Phase) -> int:
+        """How many connections are in ``phase``."""
+        return len(self._since.get(phase, ()))
+
+    def __len__(self) -> int:
+        return len(self._where)
