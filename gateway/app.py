@@ -253,6 +253,7 @@ class Gateway:
             assert self.forwarder is not None  # set in background() before the server accepts requests
             upstream_body = with_usage_requested(request.path, payload, body)
             ex = Exchange(started, session=request.header(_SESSION), strip_usage=upstream_body is not None,
+                          request_bytes=len(body),
                           token_field=TOKEN_FIELDS.get(request.path, "content"), extra_headers=extra)
             await self.forwarder.forward(request, response, FORWARDED_ROUTES[request.path], upstream_body or body,
                                          self.ejections.filter(candidates), self._on_upstream_result, ex)
@@ -301,10 +302,10 @@ class Gateway:
                                 prompt_tokens=usage.prompt_tokens if usage else None,
                                 completion_tokens=usage.completion_tokens if usage else None)
 
-    def _on_upstream_result(self, ep: Endpoint, failure: str | None) -> None:
+    def _on_upstream_result(self, ep: Endpoint, failure: str | None, request_seq: int) -> None:
         if failure is None:
             self.ejections.succeeded(ep.instance_id)
-        elif self.ejections.failed(ep.instance_id):
+        elif self.ejections.failed(ep.instance_id, request_seq):
             self.metrics.ejections.inc(ep.model)
             log.warning("instance ejected", instance=ep.instance_id, model=ep.model, reason=failure,
                         for_s=round(self.ejections.remaining(ep.instance_id), 2))
