@@ -205,7 +205,7 @@ class _Connection(asyncio.Protocol):
         if self.transport is not None:
             self.transport.close()
 
-    def start(self, payload: bytes, response: UpstreamResponse) -> asyncio.Future[None]:
+    def start(self, payload: bytes, response: UpstreamResponse, body: bytes = b"") -> asyncio.Future[None]:
         """Write the request; the returned future resolves when the response headers are in."""
         assert self.transport is not None
         # One parser per connection: llhttp starts over after each complete keep-alive response,
@@ -216,6 +216,8 @@ class _Connection(asyncio.Protocol):
         self._response = response
         self._headers_waiter = self.loop.create_future()
         self.transport.write(payload)
+        if body:
+            self.transport.write(body)
         return self._headers_waiter
 
     @property
@@ -369,11 +371,12 @@ class UpstreamPool:
         for name, value in headers:
             head.append(b"%s: %s\r\n" % (name, value))
         head.append(b"\r\n")
-        payload = b"".join(head) + body
+        # one write for a small request; a large body is written as it is (no copy of it)
+        payload, rest = (b"".join(head) + body, b"") if len(body) <= 65536 else (b"".join(head), body)
         for _ in range(2):
             conn, reused = await self._get(key)
             response = UpstreamResponse(self, key, conn)
-            waiter = conn.start(payload, response)
+            waiter = conn.start(payload, response, rest)
             timer = conn.loop.call_later(first_byte_timeout_s, _expire, waiter)
             try:
                 await waiter
