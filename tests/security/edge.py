@@ -28,7 +28,7 @@ from typing import Any
 import httptools
 import orjson
 
-from controlplane.keys import Keys
+from controlplane.keys import Keys, encode_segment
 from controlplane.netutil import free_port
 from controlplane.pb import ApiKey, ModelAccess, ModelSpec
 from controlplane.procs import spawn, stop
@@ -190,7 +190,7 @@ class World:
     async def unregister(self, model: str) -> None:
         store = await self.store().connect()
         try:
-            await store.delete(Keys(self.prefix).instance(model, ""), prefix=True)
+            await store.delete(f"{Keys(self.prefix).instances}{encode_segment(model)}/", prefix=True)
         finally:
             await store.close()
 
