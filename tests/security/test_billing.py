@@ -93,7 +93,7 @@ def test_stream_options_with_other_keys_are_billed_and_unchanged(world: World) -
     assert truth[1] == 4 and counted == truth, (counted, truth)
 
 
-LAX = st.sampled_from([True, False, None, 0, 1, "true", "no", "maybe", [], {}])
+LAX: st.SearchStrategy[object] = st.sampled_from([True, False, None, 0, 1, "true", "no", "maybe", [], {}])
 OPTIONS = st.one_of(
     st.just(ABSENT), st.none(), st.sampled_from(["on", 1, []]),
     st.fixed_dictionaries({}, optional={"include_usage": LAX, "continuous_usage_stats": LAX, "x_unknown": LAX}))
