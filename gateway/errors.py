@@ -13,7 +13,7 @@
      ├── HeadersTooLarge   431  invalid_request_error
      ├── RateLimited       429  type "requests" | "tokens", code rate_limit_exceeded (with Retry-After),
      │                         as OpenAI answers a key over its RPM / TPM
-     ├── NoCapacity        503  service_unavailable (no READY instance can take it)
+     ├── NoCapacity        503  service_unavailable (no READY instance can take it; with Retry-After)
      ├── ServerBusy        503  service_unavailable (an edge budget is spent: connections, body bytes;
      │                         with Retry-After)
      ├── UpstreamFailed    502  upstream_error (every attempt failed before the first byte)
@@ -96,6 +96,9 @@ class RateLimited(GatewayError):
 
 class NoCapacity(GatewayError):
     status, type, code = 503, "service_unavailable", "no_capacity"
+
+    def __init__(self, message: str, *, retry_after_s: int = 1) -> None:
+        super().__init__(message, headers={"Retry-After": str(retry_after_s)})
 
 
 class ServerBusy(GatewayError):

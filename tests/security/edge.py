@@ -261,14 +261,17 @@ def stop_world(world: World) -> None:
 
 
 async def seed(world: World) -> None:
-    """Keys (ann: any model, bob: only 'pub', admin) and the private model 'secret' (owner ann)."""
+    """Keys (ann: any model, bob: only 'pub', lim: 1 request a minute, admin), the private model
+    'secret' (owner ann) and 'empty' (in the catalog, no instance)."""
     store = await world.store().connect()
     keys = Keys(world.prefix)
     try:
         spec = ModelSpec(name="secret", engine="sim", access=ModelAccess(public=False, allowed_owners=["ann"]))
         await store.put(keys.model("secret"), spec.SerializeToString())
+        await store.put(keys.model("empty"), ModelSpec(name="empty", engine="sim").SerializeToString())
         for name, rec in (("ann", ApiKey(key_id="ann1", owner="ann")),
                           ("bob", ApiKey(key_id="bob1", owner="bob", allowed_models=["pub"])),
+                          ("lim", ApiKey(key_id="lim1", owner="lim", requests_per_minute=1)),
                           ("admin", ApiKey(key_id="adm1", owner="ops", admin=True))):
             key = new_api_key()
             world.keys[name] = key
