@@ -240,7 +240,7 @@ class Gateway:
         try:
             principal = self._principal(request)
             body = request.body
-            model, payload = parse_model(body)
+            model, payload = parse_model(body, self.config.edge.max_json_depth)
             candidates = self.table.ready(model)
             exists = bool(candidates) or self.table.known(model) or self.access.in_catalog(model)
             check_model_access(principal, model, self.access, exists=exists)

@@ -35,6 +35,7 @@ MAX_HEADERS = 128
 MAX_HEADER_BYTES = 64 * 1024     # names and values of one request (and, separately, of its trailers)
 MAX_HEAD_WAIT_BYTES = 1 << 20    # bytes received while no request head completes (one endless header)
 MAX_REQUEST_ID = 128             # a client's X-Request-Id longer than this (or not visible ASCII) is replaced
+MAX_JSON_DEPTH = 128             # nesting of a request body: deeper bodies crash Python engines' parsers
 
 _REQUEST_ID = re.compile(rb"[\x21-\x7e]{1,%d}" % MAX_REQUEST_ID)
 
@@ -63,11 +64,12 @@ class EdgeLimits:
     write_timeout_s: float = 60.0
     keepalive_timeout_s: float = 75.0
     linger_s: float = 5.0                        # discarding a rejected body: at most this long
+    max_json_depth: int = MAX_JSON_DEPTH
 
     def validate(self) -> None:
         """Raise ValueError naming the first bound that is not positive."""
         for name in ("max_body_bytes", "body_budget_bytes", "head_timeout_s", "body_timeout_s",
-                     "write_timeout_s", "keepalive_timeout_s", "linger_s"):
+                     "write_timeout_s", "keepalive_timeout_s", "linger_s", "max_json_depth"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be > 0")
         if self.max_connections < 0 or self.fd_reserve < 0:
@@ -107,6 +109,26 @@ def derive_max_connections(nofile: int, reserve: int) -> int:
 def valid_request_id(value: bytes) -> bool:
     """True for a client ``X-Request-Id`` the gateway may echo, forward and log."""
     return _REQUEST_ID.fullmatch(value) is not None
+
+
+def json_depth_within(body: bytes, payload: object, limit: int) -> bool:
+    """True when the parsed ``payload`` (of ``body``) nests at most ``limit`` containers deep.
+
+    A body with no more brackets than ``limit`` cannot nest deeper: two byte counts in C decide
+    almost every request without walking the parsed value.
+    """
+    if body.count(b"[") + body.count(b"{") <= limit:
+        return True
+    stack: list[tuple[object, int]] = [(payload, 1)]
+    while stack:
+        value, depth = stack.pop()
+        if depth > limit:
+            return False
+        if isinstance(value, dict):
+            stack.extend((v, depth + 1) for v in value.values() if isinstance(v, (dict, list)))
+        elif isinstance(value, list):
+            stack.extend((v, depth + 1) for v in value if isinstance(v, (dict, list)))
+    return True
 
 
 C = TypeVar("C", bound=Hashable)

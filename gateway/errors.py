@@ -39,9 +39,40 @@ class GatewayError(Exception):
         self.headers = headers or {}
 
 
-def error_body(message: str, type_: str, param: str | None = None, code: str | None = None) -> bytes:
+def error_body(message: str, type_: str, param: str | None = None, code: str | int | None = None) -> bytes:
     """The OpenAI error envelope as JSON bytes."""
     return orjson.dumps({"error": {"message": message, "type": type_, "param": param, "code": code}})
+
+
+_ENVELOPE_KEYS = frozenset(("message", "type", "param", "code"))
+MAX_ENGINE_MESSAGE = 2000   # characters of an engine's own error text kept when it is re-wrapped
+
+
+def as_envelope(status: int, body: bytes) -> bytes | None:
+    """An engine's error answer in the OpenAI envelope; None when it is one already.
+
+    vLLM and SGLang answer in the envelope; other servers (a crashed handler's text/plain page,
+    an older flat ``{"object": "error", "message": ...}``) do not, and a client must still get
+    one shape for every error. The engine's message, type, param and code are kept.
+    """
+    try:
+        payload = orjson.loads(body)
+    except orjson.JSONDecodeError:
+        payload = None
+    if isinstance(payload, dict):
+        inner = payload.get("error")
+        if isinstance(inner, dict) and inner.keys() == _ENVELOPE_KEYS:
+            return None
+        source = inner if isinstance(inner, dict) else payload
+        message = source.get("message")
+        text = message if isinstance(message, str) else (inner if isinstance(inner, str) else body.decode(
+            "utf-8", "replace"))
+        kind, param, code = source.get("type"), source.get("param"), source.get("code")
+        return error_body(text[:MAX_ENGINE_MESSAGE], kind if isinstance(kind, str) else "upstream_error",
+                          param if isinstance(param, str) else None,
+                          code if isinstance(code, (str, int)) and not isinstance(code, bool) else None)
+    text = body.decode("utf-8", "replace").strip()
+    return error_body(f"the engine answered {status}: {text[:MAX_ENGINE_MESSAGE]}", "upstream_error")
 
 
 class BadRequest(GatewayError):

@@ -35,8 +35,9 @@ from dataclasses import dataclass
 import orjson
 import structlog
 
+from gateway.edge import MAX_JSON_DEPTH, json_depth_within
 from gateway.ejection import Attribution
-from gateway.errors import BadRequest, GatewayError, NoCapacity, UpstreamFailed, UpstreamTimeout
+from gateway.errors import BadRequest, GatewayError, NoCapacity, UpstreamFailed, UpstreamTimeout, as_envelope
 from gateway.routing import pick_affinity
 from gateway.server import Headers, Request, Response
 from gateway.sse import StreamTap, TokenUsage, fallback_usage, usage_from_body, usage_from_tail
@@ -63,6 +64,7 @@ DROP_RESPONSE_HEADERS = frozenset(h.lower().encode() for h in (
 # counts failures of distinct requests)
 OnResult = Callable[[Endpoint, str | None, int], None]
 TAIL_BYTES = 64 * 1024   # kept of a large non-SSE body to find its usage at the end
+WHOLE_BYTES = 1 << 20    # answers up to this size (and engines' errors, cut here) are read whole
 
 
 @dataclass(slots=True)
@@ -91,7 +93,7 @@ class ProxySettings:
     stall_timeout_s: float = 300.0   # max silence between chunks of a stream (no total cap)
 
 
-def parse_model(body: bytes) -> tuple[str, dict[str, object]]:
+def parse_model(body: bytes, max_depth: int = MAX_JSON_DEPTH) -> tuple[str, dict[str, object]]:
     """The request's ``model`` and parsed JSON; BadRequest with a precise reason otherwise."""
     if not body:
         raise BadRequest("request body is empty; expected a JSON object")
@@ -101,6 +103,8 @@ def parse_model(body: bytes) -> tuple[str, dict[str, object]]:
         raise BadRequest(f"request body is not valid JSON: {exc}") from None
     if not isinstance(payload, dict):
         raise BadRequest("request body must be a JSON object")
+    if not json_depth_within(body, payload, max_depth):
+        raise BadRequest(f"request body nests deeper than {max_depth} levels")
     model = payload.get("model")
     if not isinstance(model, str) or not model:
         raise BadRequest("'model' is required and must be a string", param="model")
@@ -245,12 +249,20 @@ class Forwarder:
             headers, sse = response_headers(upstream.headers, ex.extra_headers)
             length = upstream.content_length
             tap = ex.tap = StreamTap(ex.started, strip_usage=ex.strip_usage, field=ex.token_field) if sse else None
-            if length is not None and length <= 1 << 20:
+            failed = upstream.status >= 400 and tap is None
+            if failed or (length is not None and length <= WHOLE_BYTES):
+                # small answers whole; an engine's error whole too (bounded), to answer it in the envelope
                 try:
-                    data = await upstream.read_all(stall)
+                    data, whole = await _read_bounded(upstream, stall, WHOLE_BYTES if length is None or failed
+                                                      else length)
                 except (UpstreamTimeoutError, UpstreamBroken) as exc:
                     raise UpstreamFailed(f"instance {ex.instance_id} broke off its answer: {exc}") from None
-                completed = ex.completed = True
+                completed = whole
+                ex.completed = True
+                if failed and (wrapped := as_envelope(upstream.status, data)) is not None:
+                    headers = [h for h in headers if h[0].lower() != b"content-type"]
+                    headers.append((b"Content-Type", b"application/json"))
+                    data = wrapped
                 if tap is not None:
                     data = tap.feed_all(data, time.monotonic())
                     ex.usage = tap.usage()
@@ -306,3 +318,15 @@ class Forwarder:
                 upstream.release()
             else:
                 upstream.close()  # the engine sees the disconnect and stops generating
+
+
+async def _read_bounded(upstream: UpstreamResponse, stall: float, limit: int) -> tuple[bytes, bool]:
+    """Up to ``limit`` body bytes, and whether that was the whole body (else the rest is dropped)."""
+    parts: list[bytes] = []
+    size = 0
+    while chunk := await upstream.read_some(stall):
+        parts.append(chunk)
+        size += len(chunk)
+        if size > limit:
+            return b"".join(parts)[:limit], False
+    return b"".join(parts), True

@@ -71,6 +71,8 @@ def gateway(
                                                  "request cancelled).")] = 60.0,
     keepalive_timeout: Annotated[float, typer.Option("--keepalive-timeout", min=0.1, help="Seconds an idle "
                                                      "keep-alive connection stays open.")] = 75.0,
+    max_json_depth: Annotated[int, typer.Option("--max-json-depth", min=2, help="Deepest nesting of a request "
+                                                "body's JSON (400 past it, before any engine sees it).")] = 128,
     linger_timeout: Annotated[float, typer.Option("--linger-timeout", min=0.1, help="Seconds the rest of a "
                                                   "rejected request's body is read and discarded, so the client "
                                                   "sees the answer, before the connection closes.")] = 5.0,
@@ -110,7 +112,8 @@ def gateway(
     edge = EdgeLimits(max_body_bytes=max_body_mb * 1024 * 1024, body_budget_bytes=body_budget_mb * 1024 * 1024,
                       max_connections=max_connections, fd_reserve=fd_reserve, head_timeout_s=head_timeout,
                       body_timeout_s=body_timeout, write_timeout_s=write_timeout,
-                      keepalive_timeout_s=keepalive_timeout, linger_s=linger_timeout)
+                      keepalive_timeout_s=keepalive_timeout, linger_s=linger_timeout,
+                      max_json_depth=max_json_depth)
     cfg = GatewayConfig(etcd=config, auth=not no_auth, edge=edge,
                         proxy=ProxySettings(max_attempts=max_attempts, stall_timeout_s=stall_timeout),
                         address=advertise or f"{host}:{port}", demand_window_s=demand_window,

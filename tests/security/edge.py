@@ -331,8 +331,8 @@ class ScriptedEngine:
     """An engine that answers every request with bytes a test chose (it may misbehave on purpose),
     and records the request heads it received. Runs in the test's event loop, on loopback."""
 
-    def __init__(self, answer: bytes) -> None:
-        self.answer = answer
+    def __init__(self, answer: bytes | Callable[[bytes], bytes]) -> None:
+        self.answer = answer                     # the bytes, or a function of the request body
         self.heads: list[bytes] = []
         self.closed_by_peer = asyncio.Event()   # the gateway closed a connection it had used
         self._server: asyncio.Server | None = None
@@ -350,8 +350,8 @@ class ScriptedEngine:
                 for line in head.split(b"\r\n"):
                     if line.lower().startswith(b"content-length:"):
                         length = int(line.split(b":", 1)[1])
-                await reader.readexactly(length)
-                writer.write(self.answer)
+                body = await reader.readexactly(length)
+                writer.write(self.answer(body) if callable(self.answer) else self.answer)
                 await writer.drain()
         except (asyncio.IncompleteReadError, ConnectionError):
             self.closed_by_peer.set()

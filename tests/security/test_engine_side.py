@@ -99,3 +99,22 @@ async def test_chunked_request_trailers_never_become_headers(world: World,
     assert [r.status for r in replies] == [200]
     (seen,) = eng.heads
     assert b"x-evil" not in seen.lower() and b"stolen" not in seen
+
+
+@pytest.mark.parametrize("framing", ["length", "chunked"])
+async def test_an_engine_error_outside_the_envelope_reaches_the_client_in_it(world: World,
+                                                                            engine: tuple[ScriptedEngine, str],
+                                                                            framing: str) -> None:
+    eng, model = engine
+    text = b"500 Internal Server Error\n\nServer got itself in trouble"
+    if framing == "length":
+        eng.answer = (b"HTTP/1.1 500 Internal Server Error\r\nContent-Type: text/plain\r\nContent-Length: %d"
+                      b"\r\n\r\n%s" % (len(text), text))
+    else:
+        eng.answer = (b"HTTP/1.1 500 Internal Server Error\r\nContent-Type: text/plain\r\nTransfer-Encoding: chunked"
+                      b"\r\n\r\n%x\r\n%s\r\n0\r\n\r\n" % (len(text), text))
+    replies, _ = await ask(world, model)
+    assert [r.status for r in replies] == [500]
+    err = replies[0].envelope()
+    assert err["type"] == "upstream_error" and "Server got itself in trouble" in err["message"]
+    assert replies[0].header("content-type") == "application/json"
