@@ -13,6 +13,12 @@ request (all processes share the machine's cores, so CPU per request is the fair
         --json-out bench-gateway.json
 
 Needs nginx and wrk on PATH (apt-get install -y nginx wrk); vllm-router is skipped if missing.
+
+``--baseline-root DIR`` also runs the gateway from another checkout (e.g. ``git archive`` of the
+commit to compare with) as ``base-wN``, against the same etcd and nginx, so that a change's CPU per
+request is compared in one run. The targets ``ours-bare``, ``granian-rsgi`` and
+``uvicorn-httptools`` are the thinnest proxies on those servers (``bench/server_candidates.py``),
+for deciding the edge's server.
 """
 
 from __future__ import annotations
@@ -53,6 +59,7 @@ WRK_LUA = """
 wrk.method = "POST"
 wrk.body = [==[@BODY@]==]
 wrk.headers["Content-Type"] = "application/json"
+wrk.headers["Authorization"] = "Bearer bench"
 done = function(summary, latency, requests)
   local e = summary.errors
   io.write(string.format(
@@ -143,6 +150,44 @@ def start_vllm_router(tmp: Path, upstream: str) -> tuple[subprocess.Popen[bytes]
     return proc, url
 
 
+def start_candidate(tmp: Path, upstream: str, which: str) -> tuple[subprocess.Popen[bytes], str] | None:
+    """A bare proxy on our server, granian (RSGI) or uvicorn (httptools): bench/server_candidates.py."""
+    port = free_port()
+    bindir = Path(sys.executable).parent
+    if which == "ours-bare":
+        exe = Path(sys.executable)
+        argv = [sys.executable, "-m", "bench.server_candidates", str(port)]
+    elif which == "granian-rsgi":
+        exe = bindir / "granian"
+        argv = [str(exe), "--interface", "rsgi", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
+                "--loop", "uvloop", "--no-ws", "--log-level", "warning", "bench.server_candidates:rsgi_app"]
+    else:
+        exe = bindir / "uvicorn"
+        argv = [str(exe), "bench.server_candidates:asgi_app", "--host", "127.0.0.1", "--port", str(port),
+                "--http", "httptools", "--loop", "uvloop", "--no-access-log", "--log-level", "warning"]
+    if not exe.exists():
+        print(f"{which}: {exe.name} not installed (pip install granian uvicorn): skipped", file=sys.stderr)
+        return None
+    log = tmp / f"{which}.log"
+    env = {**os.environ, "MODELPOOL_BENCH_UPSTREAM": upstream, "PYTHONPATH": str(ROOT)}
+    proc = spawn(argv, log, env=env, cwd=ROOT)
+    url = f"http://127.0.0.1:{port}"
+    wait_http(url + "/health", proc, log=log)
+    return proc, url
+
+
+def start_gateway_from(root: Path, endpoint: str, prefix: str, tmp: Path, workers: int
+                       ) -> tuple[subprocess.Popen[bytes], str]:
+    """`ctl gateway` run from another checkout (its own code, this venv's packages)."""
+    port = free_port()
+    log = tmp / f"base-gateway-{port}.log"
+    argv = [sys.executable, "-m", "controlplane.cli.main", "gateway", "--etcd", endpoint, "--etcd-prefix", prefix,
+            "--host", "127.0.0.1", "--port", str(port), "--no-auth", "--workers", str(workers)]
+    proc = spawn(argv, log, cwd=root, env={**os.environ, "PYTHONPATH": str(root)})
+    wait_http(f"http://127.0.0.1:{port}/readyz", proc, log=log)
+    return proc, f"http://127.0.0.1:{port}"
+
+
 def start_naive(tmp: Path, upstream: str) -> tuple[subprocess.Popen[bytes], str]:
     port = free_port()
     log = tmp / "naive.log"
@@ -178,7 +223,8 @@ def wait_routable(url: str, timeout: float = 30.0) -> None:
 
 def fetch_stream(url: str) -> bytes:
     req = urllib.request.Request(url + "/v1/chat/completions", data=json.dumps(REQUEST).encode(),
-                                 headers={"Content-Type": "application/json"}, method="POST")
+                                 headers={"Content-Type": "application/json", "Authorization": "Bearer bench"},
+                                 method="POST")
     with urllib.request.urlopen(req, timeout=10) as r:
         return bytes(r.read())
 
@@ -251,7 +297,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=3, help="measurements per point (median reported)")
     parser.add_argument("--chunks", type=int, default=64, help="SSE events per response (plus [DONE])")
     parser.add_argument("--targets", nargs="+", default=["direct", "gateway", "vllm-router", "naive"],
-                        choices=["direct", "gateway", "vllm-router", "naive"])
+                        choices=["direct", "gateway", "vllm-router", "naive", "granian-rsgi", "uvicorn-httptools",
+                                 "ours-bare"])
+    parser.add_argument("--baseline-root", type=Path, help="also run the gateway from this checkout (base-wN)")
     parser.add_argument("--upstream", choices=["chunked", "static"], default="chunked",
                         help="chunked: one HTTP chunk per SSE event, as engines stream (default); static: the "
                              "same body in one write with Content-Length, so only the proxies' cost shows")
@@ -284,11 +332,20 @@ def main(argv: list[str] | None = None) -> int:
                 procs.append(gw)
                 wait_routable(url)
                 targets.append(Target(f"gateway-w{n}", url, gw.pid, gw))
+                if args.baseline_root:
+                    base, base_url = start_gateway_from(args.baseline_root, etcd.endpoint, prefix, tmp, n)
+                    procs.append(base)
+                    wait_routable(base_url)
+                    targets.append(Target(f"base-w{n}", base_url, base.pid, base))
         if "vllm-router" in args.targets:
             started = start_vllm_router(tmp, upstream)
             if started:
                 procs.append(started[0])
                 targets.append(Target("vllm-router", started[1], started[0].pid, started[0]))
+        for which in ("ours-bare", "granian-rsgi", "uvicorn-httptools"):
+            if which in args.targets and (cand := start_candidate(tmp, upstream, which)):
+                procs.append(cand[0])
+                targets.append(Target(which, cand[1], cand[0].pid, cand[0]))
         if "naive" in args.targets:
             naive, url = start_naive(tmp, upstream)
             procs.append(naive)
@@ -335,7 +392,9 @@ def build_report(args: argparse.Namespace, targets: list[Target], identical: dic
         for c in args.concurrency:
             gw = points[t.name][str(c)]["median"]
             out: dict[str, float] = {}
-            for peer in ("direct", "vllm-router", "naive-aiohttp"):
+            peers = ["direct", "vllm-router", "naive-aiohttp", "ours-bare", "granian-rsgi", "uvicorn-httptools"]
+            base = t.name.replace("gateway-", "base-")
+            for peer in [*peers, base] if base in points and base != t.name else peers:
                 if peer in points:
                     p = points[peer][str(c)]["median"]
                     key = peer.replace("-", "_")

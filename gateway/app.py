@@ -157,7 +157,8 @@ class Gateway:
     async def background(self) -> AsyncIterator[None]:
         """etcd watches, the fleet member and the upstream connection pool."""
         store = await EtcdStore(self.config.etcd).connect()
-        pool = UpstreamPool(connect_timeout_s=self.config.proxy.connect_timeout_s)
+        pool = UpstreamPool(connect_timeout_s=self.config.proxy.connect_timeout_s,
+                            max_head_bytes=self.config.edge.max_upstream_head_bytes)
         self.forwarder = Forwarder(pool, self.config.proxy, on_retry=self.metrics.retries.inc)
         self.metrics.bind(self)
         tasks = [asyncio.create_task(self._watch(store, self.keys.instances, self._on_instances),

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, cast
 import httptools
 import structlog
 
-from gateway.edge import MAX_HEAD_WAIT_BYTES, MAX_HEADER_BYTES, MAX_HEADERS, MAX_URL_BYTES, Phase, valid_request_id
+from gateway.edge import Phase, valid_request_id
 from gateway.errors import (
     BadRequest,
     GatewayError,
@@ -64,6 +64,10 @@ class HttpConnection(asyncio.Protocol):
         self.keep_alive = True
         self.write_paused = False
         self._parser = httptools.HttpRequestParser(self)
+        limits = server.limits
+        self._max_url, self._max_headers, self._max_header_bytes = (limits.max_url_bytes, limits.max_headers,
+                                                                    limits.max_header_bytes)
+        self._max_head_wait = limits.max_head_wait_bytes
         self._url = b""
         self._headers: Headers = []
         self._header_bytes = 0
@@ -82,6 +86,10 @@ class HttpConnection(asyncio.Protocol):
         self._close_after_linger = False
         self._upgrading: Request | None = None   # llhttp treats it as an upgrade; we do not
         self._continuation: Request | None = None  # the upgrade request whose body a fresh parser reads
+        # deadlines (gateway.edge): the reading side's phase since when, on the server's coarse clock
+        self.phase = Phase.HEAD
+        self.since = server.now
+        self.blocked_since = 0.0                 # > 0 while our writes wait for the client to read
 
     # -- asyncio.Protocol ------------------------------------------------------------------
 
@@ -101,8 +109,7 @@ class HttpConnection(asyncio.Protocol):
         sock = transport.get_extra_info("socket")
         if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        srv.connections.add(self)
-        srv.clock.set(self, Phase.HEAD, self.loop.time())   # the first head's deadline runs from accept
+        srv.connections.add(self)   # the first head's deadline runs from accept (self.since)
 
     def data_received(self, data: bytes) -> None:
         while data and not self._ignore_input:
@@ -121,8 +128,8 @@ class HttpConnection(asyncio.Protocol):
             return b""
         # httptools keeps a header it has not seen the end of: bound what one head may take
         self._head_wait = self._head_wait + len(data) if self._in_head else 0
-        if self._head_wait > MAX_HEAD_WAIT_BYTES:
-            self._reject(HeadersTooLarge(f"request head over {MAX_HEAD_WAIT_BYTES} bytes"))
+        if self._head_wait > self._max_head_wait:
+            self._reject(HeadersTooLarge(f"request head over {self._max_head_wait} bytes"))
         return b""
 
     def _after_upgrade(self, rest: bytes) -> bytes:
@@ -150,8 +157,7 @@ class HttpConnection(asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         srv = self.server
         srv.connections.discard(self)
-        srv.clock.forget(self)
-        srv.writers.forget(self)
+        self.phase = Phase.NONE
         if self._task is not None:
             self._task.cancel()  # the client left: stop the handler (and so the upstream request)
         for item in self._queue:
@@ -165,11 +171,11 @@ class HttpConnection(asyncio.Protocol):
 
     def pause_writing(self) -> None:
         self.write_paused = True
-        self.server.writers.set(self, Phase.BLOCKED, self.loop.time())
+        self.blocked_since = self.server.now
 
     def resume_writing(self) -> None:
         self.write_paused = False
-        self.server.writers.set(self, Phase.NONE, 0.0)
+        self.blocked_since = 0.0
         self._wake_writer()
 
     # -- httptools callbacks ---------------------------------------------------------------
@@ -181,20 +187,20 @@ class HttpConnection(asyncio.Protocol):
         self._headers = []
         self._header_bytes = self._hosts = self._trailer_bytes = 0
         self._in_head = self._in_message = True
-        clock = self.server.clock
-        if clock.phase(self) is not Phase.HEAD:    # a fresh connection's deadline already runs
-            clock.set(self, Phase.HEAD, self.loop.time())
+        if self.phase is not Phase.HEAD:    # a fresh connection's deadline already runs
+            self.phase = Phase.HEAD
+            self.since = self.server.now
 
     def on_url(self, url: bytes) -> None:
         self._url += url
-        if len(self._url) > MAX_URL_BYTES:
-            raise _HeadTooLarge(UriTooLong(f"request URL over {MAX_URL_BYTES} bytes"))
+        if len(self._url) > self._max_url:
+            raise _HeadTooLarge(UriTooLong(f"request URL over {self._max_url} bytes"))
 
     def on_header(self, name: bytes, value: bytes) -> None:
         if not self._in_head:   # a trailer of a chunked body: bounded, dropped, never a header
             self._trailer_bytes += len(name) + len(value)
-            if self._trailer_bytes > MAX_HEADER_BYTES:
-                raise _HeadTooLarge(HeadersTooLarge(f"request trailers over {MAX_HEADER_BYTES} bytes"))
+            if self._trailer_bytes > self._max_header_bytes:
+                raise _HeadTooLarge(HeadersTooLarge(f"request trailers over {self._max_header_bytes} bytes"))
             return
         if self._continuation is not None:
             return
@@ -202,9 +208,9 @@ class HttpConnection(asyncio.Protocol):
         self._header_bytes += len(name) + len(value)
         if len(name) == 4 and name.lower() == b"host":
             self._hosts += 1
-        if len(self._headers) > MAX_HEADERS or self._header_bytes > MAX_HEADER_BYTES:
+        if len(self._headers) > self._max_headers or self._header_bytes > self._max_header_bytes:
             raise _HeadTooLarge(HeadersTooLarge(
-                f"request headers over the limits ({MAX_HEADERS} headers, {MAX_HEADER_BYTES} bytes)"))
+                f"request headers over the limits ({self._max_headers} headers, {self._max_header_bytes} bytes)"))
 
     def on_headers_complete(self) -> None:
         self._in_head = self._in_message = False
@@ -228,7 +234,8 @@ class HttpConnection(asyncio.Protocol):
                 req.keep_alive = False
             self._reject_request(req, error)
         else:
-            self.server.clock.set(self, Phase.BODY if req.has_body else Phase.NONE, self.loop.time())
+            self.phase = Phase.BODY if req.has_body else Phase.NONE
+            self.since = self.server.now
 
     def on_body(self, body: bytes) -> None:
         req = self._current
@@ -258,13 +265,12 @@ class HttpConnection(asyncio.Protocol):
             req.complete = True
             if self._lingering is req:   # its discarded body has ended
                 self._lingering = None
-                self.server.clock.set(self, Phase.NONE, 0.0)
+                self.phase = Phase.NONE
                 if self._close_after_linger:   # answered with Connection: close: nothing more is read
                     self._ignore_input = True
                     self._close()
             return
-        if req.has_body:
-            self.server.clock.set(self, Phase.NONE, 0.0)
+        self.phase = Phase.NONE
         req._finish_body()
 
     # -- rejection -------------------------------------------------------------------------
@@ -277,9 +283,10 @@ class HttpConnection(asyncio.Protocol):
         req.rejected = True
         if req.has_body:   # bytes keep coming: discard them until the body ends (answered meanwhile)
             self._lingering = req
-            self.server.clock.set(self, Phase.LINGER, self.loop.time())
+            self.phase = Phase.LINGER
+            self.since = self.server.now
         else:
-            self.server.clock.set(self, Phase.NONE, 0.0)
+            self.phase = Phase.NONE
         req._wake()
 
     def _reject(self, error: GatewayError) -> None:
@@ -289,7 +296,7 @@ class HttpConnection(asyncio.Protocol):
             self.transport.pause_reading()  # nothing after a parse error can be trusted
         self._ignore_input = True
         self.closing = True
-        self.server.clock.set(self, Phase.NONE, 0.0)
+        self.phase = Phase.NONE
         req, self._current = self._current, None
         lingering, self._lingering = self._lingering, None
         if req is not None and not req.complete and not req.rejected:   # its body broke: it gets the error
@@ -306,6 +313,8 @@ class HttpConnection(asyncio.Protocol):
     def expire(self, phase: Phase) -> None:
         """The deadline of ``phase`` passed."""
         srv = self.server
+        if phase is not Phase.BLOCKED:
+            self.phase = Phase.NONE
         srv.stats[f"{phase.name.lower()}_timeout"] += 1
         if phase is Phase.BLOCKED:
             self.abort()   # the client stopped reading: its handler is cancelled, freeing the engine
@@ -360,8 +369,9 @@ class HttpConnection(asyncio.Protocol):
                     return
             if self.closing:
                 self._close()
-            elif self.server.clock.phase(self) is Phase.NONE and self._current is None:
-                self.server.clock.set(self, Phase.IDLE, self.loop.time())
+            elif self.phase is Phase.NONE and self._current is None:
+                self.phase = Phase.IDLE
+                self.since = self.server.now
         finally:
             self._task = None
             self.server._progress()

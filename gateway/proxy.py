@@ -183,12 +183,12 @@ class Forwarder:
         headers = upstream_headers(request)
         seq = next(self._requests)
         fault = Attribution()
-        by_id = {ep.instance_id: ep for ep in candidates}
 
         def blame(instance_ids: tuple[str, ...], reason: str) -> None:
             if on_result:
-                for iid in instance_ids:
-                    on_result(by_id[iid], reason, seq)
+                for ep in candidates:
+                    if ep.instance_id in instance_ids:
+                        on_result(ep, reason, seq)
 
         tried: set[str] = set()
         last_error: GatewayError | None = None
@@ -230,7 +230,8 @@ class Forwarder:
                 # relayed as the engine wrote it: reproduced (nobody blamed), or nowhere else to try
                 blame(fault.gave_up() if verdict.retry else (), f"HTTP {upstream.status}")
             else:
-                blame(fault.answered(), last_reason or "HTTP 5xx")
+                if fault.undecided is not None:
+                    blame(fault.answered(), last_reason or "HTTP 5xx")
                 if on_result:
                     on_result(ep, None, seq)
             ex.instance_id = ep.instance_id

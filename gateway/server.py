@@ -57,9 +57,10 @@ from gateway.edge import (
     MAX_URL_BYTES,
     EdgeLimits,
     Phase,
-    PhaseClock,
     derive_max_connections,
+    overdue,
     raise_nofile_limit,
+    shed_victims,
 )
 from gateway.errors import (
     BadRequest,
@@ -90,13 +91,12 @@ class HttpServer:
         self.max_connections = limits.max_connections or derive_max_connections(raise_nofile_limit(),
                                                                                 limits.fd_reserve)
         self.connections: set[HttpConnection] = set()
-        reading = limits.timeouts()
-        self.clock: PhaseClock[HttpConnection] = PhaseClock({p: reading[p] for p in (
-            Phase.IDLE, Phase.HEAD, Phase.BODY, Phase.LINGER)})
-        self.writers: PhaseClock[HttpConnection] = PhaseClock({Phase.BLOCKED: reading[Phase.BLOCKED]})
+        self.timeouts = limits.timeouts()
+        self.now = time.monotonic()    # the coarse clock of deadlines, advanced by every sweep
         self.body_buffered = 0                          # request-body bytes held now, all connections
         self.stats: collections.Counter[str] = collections.Counter()
-        self._tick = max(0.02, min(1.0, min(reading.values()) / 4))
+        self._victims: collections.deque[HttpConnection] = collections.deque()
+        self._tick = max(0.02, min(1.0, min(self.timeouts.values()) / 4))
         self._sweeper: asyncio.TimerHandle | None = None
         self._servers: list[asyncio.AbstractServer] = []
         self._settled: asyncio.Event | None = None
@@ -159,12 +159,22 @@ class HttpServer:
     def shed_one(self) -> bool:
         """At the cap: close the longest-waiting connection that has no request being answered,
         preferring lingering ones, then those still sending a head, then idle keep-alive ones."""
-        victim = self.clock.oldest((Phase.LINGER, Phase.HEAD, Phase.IDLE), lambda c: not c._queue)
-        if victim is None:
-            return False
+        while True:
+            if not self._victims:
+                # one walk finds a batch: an attack that fills the cap costs a walk per hundred accepts
+                batch = max(16, self.max_connections // 100)
+                self._victims.extend(shed_victims(((c, c.phase, c.since) for c in self.connections if not c._queue),
+                                                  batch))
+                if not self._victims:
+                    return False
+            victim = self._victims.popleft()
+            # still there, still without a request being answered, still in a phase that may be shed?
+            if victim in self.connections and not victim._queue and victim.phase in (Phase.LINGER, Phase.HEAD,
+                                                                                     Phase.IDLE):
+                break
         self.stats["shed"] += 1
         self.connections.discard(victim)
-        self.clock.forget(victim)
+        victim.phase = Phase.NONE
         victim.abort()
         return True
 
@@ -173,15 +183,21 @@ class HttpServer:
     async def start(self, sock: socket.socket) -> None:
         """Accept connections on ``sock`` (bound; listening or not)."""
         loop = asyncio.get_running_loop()
+        self.now = time.monotonic()
         self._servers.append(await loop.create_server(lambda: HttpConnection(self), sock=sock, backlog=_backlog()))
         if self._sweeper is None:
             self._sweeper = loop.call_later(self._tick, self._sweep)
 
     def _sweep(self) -> None:
         loop = asyncio.get_running_loop()
-        now = loop.time()
-        for conn, phase in self.clock.expired(now) + self.writers.expired(now):
-            conn.expire(phase)
+        self.now = now = time.monotonic()
+        timeouts, write_timeout = self.timeouts, self.timeouts[Phase.BLOCKED]
+        for conn in [c for c in self.connections if (c.phase and overdue(c.phase, c.since, now, timeouts))
+                     or (c.blocked_since and now - c.blocked_since >= write_timeout)]:
+            if conn.blocked_since and now - conn.blocked_since >= write_timeout:
+                conn.expire(Phase.BLOCKED)
+            elif conn.phase:
+                conn.expire(conn.phase)
         if self.stats != self._logged_stats and int(now) != int(now - self._tick):   # at most once a second
             changed = {k: v - self._logged_stats[k] for k, v in self.stats.items() if v != self._logged_stats[k]}
             if changed.keys() - {k for k in changed if k.startswith("rejected_")}:

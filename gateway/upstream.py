@@ -76,7 +76,7 @@ class _Connection(asyncio.Protocol):
         self._header_list: list[tuple[bytes, bytes]] = []
         self._got_bytes = False
         self._head_bytes = 0        # of the current response's heads, interim ones included
-        self._in_head = False       # between a message's begin and its headers-complete
+        self._in_head = False       # a request was sent and its (final) head is not complete yet
         self._interim = False       # the message being parsed is a 1xx interim response
         self._excess = False        # bytes arrived that belong to no request: the connection is spent
 
@@ -88,6 +88,10 @@ class _Connection(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         self._got_bytes = True
         if self._excess:
+            return
+        if self._response is None:   # bytes on an idle connection belong to no request: it is spent
+            self._excess = True
+            self.close()
             return
         try:
             self._parser.feed_data(data)
@@ -127,11 +131,10 @@ class _Connection(asyncio.Protocol):
     def on_message_begin(self) -> None:
         resp = self._response
         if resp is None or resp.complete:
-            # bytes past the end of the response (beyond its Content-Length, or a response to no
-            # request): they must never reach a client. Stop parsing; the connection is not reused.
+            # bytes past the end of the response (beyond its Content-Length, or to no request): they
+            # must never reach a client. Stop parsing; the connection is not reused.
             self._excess = True
             raise _Stop(UpstreamBroken("bytes past the end of the response"))
-        self._in_head = True
 
     def on_header(self, name: bytes, value: bytes) -> None:
         if not self._in_head:   # a trailer of a chunked response: dropped, never a header
@@ -142,16 +145,17 @@ class _Connection(asyncio.Protocol):
         self._header_list.append((name, value))
 
     def on_headers_complete(self) -> None:
-        self._in_head = False
         resp = self._response
         if resp is None:
             return
+        self._in_head = False
         status = self._parser.get_status_code()
         if status == 101:   # an engine must not switch protocols on a proxied request: 502
             raise _Stop(UpstreamBroken("upstream answered 101 Switching Protocols; refused"))
         if 100 <= status < 200:
             self._interim = True       # 100 Continue, 103 Early Hints: skipped, the final answer follows
             self._header_list = []
+            self._in_head = True
             return
         resp.status = status
         resp.headers = self._header_list
@@ -213,6 +217,7 @@ class _Connection(asyncio.Protocol):
         self._header_list = []
         self._got_bytes = False
         self._head_bytes = 0
+        self._in_head = True
         self._response = response
         self._headers_waiter = self.loop.create_future()
         self.transport.write(payload)

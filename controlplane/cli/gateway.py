@@ -73,6 +73,12 @@ def gateway(
                                                      "keep-alive connection stays open.")] = 75.0,
     max_json_depth: Annotated[int, typer.Option("--max-json-depth", min=2, help="Deepest nesting of a request "
                                                 "body's JSON (400 past it, before any engine sees it).")] = 128,
+    max_url_kb: Annotated[int, typer.Option("--max-url-kb", min=1, help="Longest request URL (414 past it).")] = 16,
+    max_headers: Annotated[int, typer.Option("--max-headers", min=8, help="Most request headers (431 past it).")] = 128,
+    max_header_kb: Annotated[int, typer.Option("--max-header-kb", min=1, help="Most bytes of request headers, and "
+                                               "apart of chunked trailers (431 past it).")] = 64,
+    max_upstream_head_kb: Annotated[int, typer.Option("--max-upstream-head-kb", min=1, help="Largest response head "
+                                                      "an engine may send (502 past it).")] = 64,
     linger_timeout: Annotated[float, typer.Option("--linger-timeout", min=0.1, help="Seconds the rest of a "
                                                   "rejected request's body is read and discarded, so the client "
                                                   "sees the answer, before the connection closes.")] = 5.0,
@@ -113,7 +119,8 @@ def gateway(
                       max_connections=max_connections, fd_reserve=fd_reserve, head_timeout_s=head_timeout,
                       body_timeout_s=body_timeout, write_timeout_s=write_timeout,
                       keepalive_timeout_s=keepalive_timeout, linger_s=linger_timeout,
-                      max_json_depth=max_json_depth)
+                      max_json_depth=max_json_depth, max_url_bytes=max_url_kb * 1024, max_headers=max_headers,
+                      max_header_bytes=max_header_kb * 1024, max_upstream_head_bytes=max_upstream_head_kb * 1024)
     cfg = GatewayConfig(etcd=config, auth=not no_auth, edge=edge,
                         proxy=ProxySettings(max_attempts=max_attempts, stall_timeout_s=stall_timeout),
                         address=advertise or f"{host}:{port}", demand_window_s=demand_window,

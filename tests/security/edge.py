@@ -220,7 +220,8 @@ class World:
 
 
 NEW_FLAGS = ("--head-timeout", "--body-timeout", "--write-timeout", "--keepalive-timeout", "--linger-timeout",
-             "--body-budget-mb", "--max-connections", "--fd-reserve")
+             "--body-budget-mb", "--max-connections", "--fd-reserve", "--max-json-depth", "--max-url-kb",
+             "--max-headers", "--max-header-kb", "--max-upstream-head-kb")
 
 
 def gateway_argv(world: World, port: int, flags: Sequence[str]) -> list[str]:

@@ -7,57 +7,37 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from gateway.edge import EdgeLimits, Phase, PhaseClock, derive_max_connections, valid_request_id
+from gateway.edge import EdgeLimits, Phase, derive_max_connections, overdue, shed_victims, valid_request_id
 from gateway.ejection import Attribution, Ejections
 from gateway.sse import fallback_usage, lax_bool, with_usage_requested
 
-# -- PhaseClock -------------------------------------------------------------------------------------
+# -- deadlines and shedding ------------------------------------------------------------------------
+
+TIMEOUTS = {Phase.HEAD: 10.0, Phase.IDLE: 75.0, Phase.BODY: 60.0, Phase.LINGER: 5.0, Phase.BLOCKED: 60.0}
 
 
-def test_phase_clock_expires_in_deadline_order_and_moves_connections() -> None:
-    clock: PhaseClock[str] = PhaseClock({Phase.HEAD: 10.0, Phase.IDLE: 75.0, Phase.BODY: 60.0})
-    clock.set("a", Phase.HEAD, 0.0)
-    clock.set("b", Phase.HEAD, 1.0)
-    clock.set("c", Phase.IDLE, 0.0)
-    clock.set("a", Phase.BODY, 5.0)            # a's head completed: its head deadline no longer applies
-    assert clock.phase("a") is Phase.BODY and clock.count(Phase.HEAD) == 1
-    assert clock.expired(10.5) == []
-    assert clock.expired(11.0) == [("b", Phase.HEAD)]
-    assert clock.phase("b") is Phase.NONE
-    assert clock.expired(65.0) == [("a", Phase.BODY)]
-    clock.forget("c")
-    assert clock.expired(1000.0) == [] and len(clock) == 0
+def test_overdue_is_exactly_the_phase_deadline() -> None:
+    assert not overdue(Phase.HEAD, 100.0, 109.9, TIMEOUTS)
+    assert overdue(Phase.HEAD, 100.0, 110.0, TIMEOUTS)
+    assert not overdue(Phase.IDLE, 100.0, 170.0, TIMEOUTS) and overdue(Phase.IDLE, 100.0, 175.0, TIMEOUTS)
+    assert not overdue(Phase.NONE, 0.0, 1e9, TIMEOUTS)     # a request being answered has no reading deadline
 
 
-def test_phase_clock_oldest_prefers_the_first_phase_and_skips_ineligible() -> None:
-    clock: PhaseClock[str] = PhaseClock({Phase.LINGER: 5.0, Phase.HEAD: 10.0, Phase.IDLE: 75.0})
-    for i, (name, phase) in enumerate([("idle1", Phase.IDLE), ("head1", Phase.HEAD), ("head2", Phase.HEAD)]):
-        clock.set(name, phase, float(i))
-    assert clock.oldest((Phase.LINGER, Phase.HEAD, Phase.IDLE)) == "head1"
-    assert clock.oldest((Phase.LINGER, Phase.HEAD, Phase.IDLE), lambda c: c != "head1") == "head2"
-    assert clock.oldest((Phase.LINGER, Phase.HEAD, Phase.IDLE), lambda c: c.startswith("idle")) == "idle1"
-    clock.set("lingering", Phase.LINGER, 9.0)
-    assert clock.oldest((Phase.LINGER, Phase.HEAD, Phase.IDLE)) == "lingering"
-    assert clock.oldest((Phase.LINGER,), lambda c: False) is None
+def test_shedding_takes_lingering_then_heads_then_idle_oldest_first() -> None:
+    entries = [("idle-old", Phase.IDLE, 1.0), ("head-new", Phase.HEAD, 9.0), ("busy", Phase.NONE, 0.0),
+               ("head-old", Phase.HEAD, 2.0), ("body", Phase.BODY, 0.5), ("linger", Phase.LINGER, 8.0)]
+    assert shed_victims(entries, 10) == ["linger", "head-old", "head-new", "idle-old"]
+    assert shed_victims(entries, 2) == ["linger", "head-old"]
+    assert shed_victims([("busy", Phase.NONE, 0.0), ("body", Phase.BODY, 0.0)], 5) == []
 
 
-@given(st.lists(st.tuples(st.integers(0, 20), st.sampled_from([Phase.NONE, Phase.HEAD, Phase.IDLE]),
-                          st.floats(0, 100)), max_size=60), st.floats(0, 200))
-def test_phase_clock_expiry_is_exactly_the_overdue(moves: list[tuple[int, Phase, float]], now: float) -> None:
-    timeouts = {Phase.HEAD: 10.0, Phase.IDLE: 30.0}
-    clock: PhaseClock[int] = PhaseClock(timeouts)
-    where: dict[int, tuple[Phase, float]] = {}
-    t = 0.0
-    for conn, phase, dt in moves:
-        t += dt / 10
-        clock.set(conn, phase, t)
-        if phase is Phase.NONE:
-            where.pop(conn, None)
-        else:
-            where[conn] = (phase, t)
-    expect = {c for c, (p, since) in where.items() if since + timeouts[p] <= t + now}
-    assert {c for c, _ in clock.expired(t + now)} == expect
-    assert len(clock) == len(where) - len(expect)
+@given(st.lists(st.tuples(st.sampled_from(list(Phase)), st.floats(0, 100)), max_size=50), st.integers(1, 60))
+def test_shed_victims_are_the_cheapest_oldest(entries: list[tuple[Phase, float]], count: int) -> None:
+    named = [(i, phase, since) for i, (phase, since) in enumerate(entries)]
+    got = shed_victims(named, count)
+    rank = {Phase.LINGER: 0, Phase.HEAD: 1, Phase.IDLE: 2}
+    eligible = sorted((rank[p], t, i) for i, p, t in named if p in rank)
+    assert got == [i for _, _, i in eligible[:count]]
 
 
 # -- limits ----------------------------------------------------------------------------------------
