@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import concurrent.futures
 import json
 import os
 import platform
@@ -275,6 +276,17 @@ def measure(target: Target, lua: Path, concurrency: int, duration: int) -> dict[
     return result
 
 
+def _groups(targets: list[Target], by_name: dict[str, Target], paired: bool) -> list[list[Target]]:
+    """Targets measured one after the other; with ``paired``, each gateway-wN together with base-wN."""
+    out: list[list[Target]] = []
+    for t in targets:
+        if paired and t.name.startswith("base-"):
+            continue
+        twin = by_name.get(t.name.replace("gateway-", "base-")) if paired and t.name.startswith("gateway-") else None
+        out.append([t, twin] if twin is not None else [t])
+    return out
+
+
 def median_of(runs: list[dict[str, float]]) -> dict[str, float]:
     return {k: statistics.median(r[k] for r in runs) for k in runs[0]}
 
@@ -300,6 +312,9 @@ def main(argv: list[str] | None = None) -> int:
                         choices=["direct", "gateway", "vllm-router", "naive", "granian-rsgi", "uvicorn-httptools",
                                  "ours-bare"])
     parser.add_argument("--baseline-root", type=Path, help="also run the gateway from this checkout (base-wN)")
+    parser.add_argument("--paired", action="store_true",
+                        help="with --baseline-root: drive gateway-wN and base-wN at the same time (two wrk), so "
+                             "that both see the same load from the rest of the machine")
     parser.add_argument("--upstream", choices=["chunked", "static"], default="chunked",
                         help="chunked: one HTTP chunk per SSE event, as engines stream (default); static: the "
                              "same body in one write with Content-Length, so only the proxies' cost shows")
@@ -358,14 +373,19 @@ def main(argv: list[str] | None = None) -> int:
             time.sleep(args.hold)
         for t in targets:  # warm up connections, caches and JIT-less paths alike
             run_wrk(lua, t.url, max(args.concurrency), 1)
+        by_name = {t.name: t for t in targets}
         for rep in range(args.repeats):
             for c in args.concurrency:
-                for t in targets:
-                    r = measure(t, lua, c, args.duration)
-                    t.runs.setdefault(c, []).append(r)
-                    print(f"  rep {rep + 1}/{args.repeats} c={c:<3} {t.name:<14} {r['rps']:9.0f} req/s  "
-                          f"p50 {r['p50_ms']:7.2f} ms  p99 {r['p99_ms']:7.2f} ms  cpu {r['cpu_ms_per_req']:.3f} ms/req"
-                          f"  errors {r['errors']:.0f}", file=sys.stderr, flush=True)
+                for group in _groups(targets, by_name, args.paired):
+                    with concurrent.futures.ThreadPoolExecutor(len(group)) as pool:
+                        futures = [pool.submit(measure, t, lua, c, args.duration) for t in group]
+                        results = [f.result() for f in futures]
+                    for t, r in zip(group, results, strict=True):
+                        t.runs.setdefault(c, []).append(r)
+                        print(f"  rep {rep + 1}/{args.repeats} c={c:<3} {t.name:<14} {r['rps']:9.0f} req/s  "
+                              f"p50 {r['p50_ms']:7.2f} ms  p99 {r['p99_ms']:7.2f} ms  "
+                              f"cpu {r['cpu_ms_per_req']:.3f} ms/req  errors {r['errors']:.0f}", file=sys.stderr,
+                              flush=True)
     finally:
         for p in reversed(procs):
             stop(p, timeout=10)
@@ -401,13 +421,17 @@ def build_report(args: argparse.Namespace, targets: list[Target], identical: dic
                     out[f"rps_vs_{key}"] = round(gw["rps"] / p["rps"], 3)
                     out[f"p50_added_ms_vs_{key}"] = round(gw["p50_ms"] - p["p50_ms"], 3)
                     out[f"cpu_per_req_vs_{key}"] = round(gw["cpu_ms_per_req"] / max(p["cpu_ms_per_req"], 1e-9), 3)
+            if base in points and base != t.name:   # per repetition (paired runs: measured at the same time)
+                pairs = zip(points[t.name][str(c)]["runs"], points[base][str(c)]["runs"], strict=True)
+                per_rep = [a["cpu_ms_per_req"] / max(b["cpu_ms_per_req"], 1e-9) for a, b in pairs]
+                out["cpu_per_req_vs_base_per_rep_median"] = round(statistics.median(per_rep), 3)
             ratios[f"{t.name}@c{c}"] = out
     return {
         "meta": {
             "cpus": len(os.sched_getaffinity(0)), "machine": platform.machine(), "python": platform.python_version(),
             "nginx": tool_version(["nginx", "-v"]), "wrk": tool_version(["wrk", "--version"]),
             "vllm_router": _pkg_version("vllm-router"), "aiohttp": _pkg_version("aiohttp"),
-            "duration_s": args.duration, "repeats": args.repeats, "chunks": args.chunks,
+            "duration_s": args.duration, "repeats": args.repeats, "chunks": args.chunks, "paired": args.paired,
             "body_bytes": len(body), "event_bytes": event_bytes, "body_identical": identical,
             "argv": sys.argv[1:], "unix_time": int(time.time()),
         },

@@ -32,6 +32,9 @@ if TYPE_CHECKING:
 
 log = structlog.get_logger("gateway.server")
 
+# the phases as module constants: the hot path reads them several times a request
+_NONE, _IDLE, _HEAD, _BODY, _LINGER = Phase.NONE, Phase.IDLE, Phase.HEAD, Phase.BODY, Phase.LINGER
+
 MAX_PIPELINED = 8            # requests waiting behind the one being answered before reading pauses
 WRITE_HIGH_WATER = 256 * 1024
 _CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
@@ -112,8 +115,10 @@ class HttpConnection(asyncio.Protocol):
         srv.connections.add(self)   # the first head's deadline runs from accept (self.since)
 
     def data_received(self, data: bytes) -> None:
-        while data and not self._ignore_input:
-            data = self._feed(data)
+        if not self._ignore_input:
+            rest = self._feed(data)
+            while rest and not self._ignore_input:   # what followed a request whose Upgrade is ignored
+                rest = self._feed(rest)
 
     def _feed(self, data: bytes) -> bytes:
         """Parse ``data``; returns what follows a request whose Upgrade is ignored (parsed next)."""
@@ -181,14 +186,15 @@ class HttpConnection(asyncio.Protocol):
     # -- httptools callbacks ---------------------------------------------------------------
 
     def on_message_begin(self) -> None:
-        if self._continuation is not None:
+        if self._continuation is not None:   # the primed head: its headers go the way of trailers
+            self._in_head = False
             return
         self._url = b""
         self._headers = []
-        self._header_bytes = self._hosts = self._trailer_bytes = 0
+        self._header_bytes = self._hosts = 0
         self._in_head = self._in_message = True
-        if self.phase is not Phase.HEAD:    # a fresh connection's deadline already runs
-            self.phase = Phase.HEAD
+        if self.phase is not _HEAD:    # a fresh connection's deadline already runs
+            self.phase = _HEAD
             self.since = self.server.now
 
     def on_url(self, url: bytes) -> None:
@@ -202,8 +208,6 @@ class HttpConnection(asyncio.Protocol):
             if self._trailer_bytes > self._max_header_bytes:
                 raise _HeadTooLarge(HeadersTooLarge(f"request trailers over {self._max_header_bytes} bytes"))
             return
-        if self._continuation is not None:
-            return
         self._headers.append((name, value))
         self._header_bytes += len(name) + len(value)
         if len(name) == 4 and name.lower() == b"host":
@@ -214,7 +218,7 @@ class HttpConnection(asyncio.Protocol):
 
     def on_headers_complete(self) -> None:
         self._in_head = self._in_message = False
-        self._head_wait = 0
+        self._head_wait = self._trailer_bytes = 0
         if self._continuation is not None:   # the primed head of an upgrade request's body
             self._current = self._continuation
             return
@@ -222,20 +226,24 @@ class HttpConnection(asyncio.Protocol):
         req = Request(p.get_method().decode("ascii", "replace"), self._url, self._headers,
                       p.get_http_version() == "1.0", p.should_keep_alive())
         self._current = req
-        rid = req._index.get(b"x-request-id")
+        index = req._index
+        rid = index.get(b"x-request-id")
         req.id = rid.decode("ascii") if rid is not None and valid_request_id(rid) else new_request_id()
-        req.has_body = b"transfer-encoding" in req._index or req._index.get(b"content-length", b"0") not in (b"0", b"")
-        if p.should_upgrade():
-            self._upgrading = req
+        if b"transfer-encoding" in index or index.get(b"content-length", b"0") not in (b"0", b""):
+            req.has_body = True
+        if b"upgrade" in index or req.method == "CONNECT":
+            self._upgrading = req if p.should_upgrade() else None
         self._enqueue(req)
         error = self.server.admit(req, self._hosts)
         if error is not None:
             if req.method == "CONNECT":
                 req.keep_alive = False
             self._reject_request(req, error)
-        else:
-            self.phase = Phase.BODY if req.has_body else Phase.NONE
+        elif req.has_body:
+            self.phase = _BODY
             self.since = self.server.now
+        else:
+            self.phase = _NONE
 
     def on_body(self, body: bytes) -> None:
         req = self._current
@@ -270,7 +278,7 @@ class HttpConnection(asyncio.Protocol):
                     self._ignore_input = True
                     self._close()
             return
-        self.phase = Phase.NONE
+        self.phase = _NONE
         req._finish_body()
 
     # -- rejection -------------------------------------------------------------------------
@@ -369,8 +377,8 @@ class HttpConnection(asyncio.Protocol):
                     return
             if self.closing:
                 self._close()
-            elif self.phase is Phase.NONE and self._current is None:
-                self.phase = Phase.IDLE
+            elif self.phase is _NONE and self._current is None:
+                self.phase = _IDLE
                 self.since = self.server.now
         finally:
             self._task = None
@@ -408,7 +416,8 @@ class HttpConnection(asyncio.Protocol):
             else:
                 resp.send_error(GatewayError("internal error in the gateway; see its log for the request id"))
         finally:
-            self.server.release_body(req)
+            if req.body_size:
+                self.server.release_body(req)
 
     # -- writing ---------------------------------------------------------------------------
 

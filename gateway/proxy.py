@@ -103,7 +103,8 @@ def parse_model(body: bytes, max_depth: int = MAX_JSON_DEPTH) -> tuple[str, dict
         raise BadRequest(f"request body is not valid JSON: {exc}") from None
     if not isinstance(payload, dict):
         raise BadRequest("request body must be a JSON object")
-    if not json_depth_within(body, payload, max_depth):
+    # no more brackets than the bound: it cannot nest deeper (two byte counts decide almost every body)
+    if body.count(b"[") + body.count(b"{") > max_depth and not json_depth_within(body, payload, max_depth):
         raise BadRequest(f"request body nests deeper than {max_depth} levels")
     model = payload.get("model")
     if not isinstance(model, str) or not model:
@@ -183,13 +184,6 @@ class Forwarder:
         headers = upstream_headers(request)
         seq = next(self._requests)
         fault = Attribution()
-
-        def blame(instance_ids: tuple[str, ...], reason: str) -> None:
-            if on_result:
-                for ep in candidates:
-                    if ep.instance_id in instance_ids:
-                        on_result(ep, reason, seq)
-
         tried: set[str] = set()
         last_error: GatewayError | None = None
         last_reason = ""
@@ -212,7 +206,7 @@ class Forwarder:
                 last_error = (UpstreamTimeout if isinstance(exc, UpstreamTimeoutError) else UpstreamFailed)(
                     f"instance {ep.instance_id} of '{ep.model}' failed: {reason}")
                 verdict = fault.answer_failed(ep.instance_id) if exc.sent else fault.connect_failed(ep.instance_id)
-                blame(verdict.blame, reason)
+                _blame(on_result, candidates, verdict.blame, reason, seq)
                 if not verdict.retry:
                     break   # the same body failed on two instances: it is the cause, not them
                 continue
@@ -228,10 +222,11 @@ class Forwarder:
                                 status=upstream.status)
                     continue
                 # relayed as the engine wrote it: reproduced (nobody blamed), or nowhere else to try
-                blame(fault.gave_up() if verdict.retry else (), f"HTTP {upstream.status}")
+                _blame(on_result, candidates, fault.gave_up() if verdict.retry else (), f"HTTP {upstream.status}",
+                       seq)
             else:
                 if fault.undecided is not None:
-                    blame(fault.answered(), last_reason or "HTTP 5xx")
+                    _blame(on_result, candidates, fault.answered(), last_reason or "HTTP 5xx", seq)
                 if on_result:
                     on_result(ep, None, seq)
             ex.instance_id = ep.instance_id
@@ -239,7 +234,7 @@ class Forwarder:
                 return await self._relay(response, upstream, ex)
             finally:
                 self.in_flight.release(ep)
-        blame(fault.gave_up(), last_reason)
+        _blame(on_result, candidates, fault.gave_up(), last_reason, seq)
         raise last_error or UpstreamFailed("no instance could be reached")
 
     async def _relay(self, response: Response, upstream: UpstreamResponse, ex: Exchange) -> None:
@@ -319,6 +314,15 @@ class Forwarder:
                 upstream.release()
             else:
                 upstream.close()  # the engine sees the disconnect and stops generating
+
+
+def _blame(on_result: OnResult | None, candidates: tuple[Endpoint, ...], instance_ids: tuple[str, ...], reason: str,
+           seq: int) -> None:
+    """Report failures that count toward the ejection of ``instance_ids``."""
+    if on_result and instance_ids:
+        for ep in candidates:
+            if ep.instance_id in instance_ids:
+                on_result(ep, reason, seq)
 
 
 async def _read_bounded(upstream: UpstreamResponse, stall: float, limit: int) -> tuple[bytes, bool]:

@@ -120,27 +120,32 @@ class HttpServer:
 
     def admit(self, req: Request, hosts: int) -> GatewayError | None:
         """What is decided from the head alone: framing, route, the route's admit check, body bounds."""
-        if hosts > 1 or (hosts == 0 and not req.http10):
+        if hosts != 1 and (hosts or not req.http10):
             return BadRequest("a request must carry exactly one Host header")
-        if req.method == "CONNECT":
-            return MethodNotAllowed("CONNECT is not supported", headers={"Allow": "GET, POST"})
-        route = self.route(req.path, req.method)
-        if isinstance(route, GatewayError):
-            return route
+        methods = self.routes.get(req.path)
+        route = methods.get(req.method) if methods is not None else None
+        if route is None:   # not an exact route and method: the slower checks
+            if req.method == "CONNECT":
+                return MethodNotAllowed("CONNECT is not supported", headers={"Allow": "GET, POST"})
+            found = self.route(req.path, req.method)
+            if isinstance(found, GatewayError):
+                return found
+            route = found
         req.route = route
         if route.admit is not None:
             try:
                 req.context = route.admit(req)
             except GatewayError as err:
                 return err
-        length = req._index.get(b"content-length")
-        if length is not None and length.isdigit() and route.body:
-            size = int(length)
-            if size > self.limits.max_body_bytes:
-                return PayloadTooLarge(f"request body exceeds {self.limits.max_body_bytes} bytes")
-            if size > self.limits.body_budget_bytes - self.body_buffered:
-                self.stats["body_budget"] += 1
-                return ServerBusy("the gateway is holding too many request bodies; retry shortly")
+        if req.has_body and route.body:
+            length = req._index.get(b"content-length")
+            if length is not None and length.isdigit():
+                size = int(length)
+                if size > self.limits.max_body_bytes:
+                    return PayloadTooLarge(f"request body exceeds {self.limits.max_body_bytes} bytes")
+                if size > self.limits.body_budget_bytes - self.body_buffered:
+                    self.stats["body_budget"] += 1
+                    return ServerBusy("the gateway is holding too many request bodies; retry shortly")
         return None
 
     def release_body(self, req: Request) -> None:
