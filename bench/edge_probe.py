@@ -168,6 +168,7 @@ def main(argv: list[str] | None = None) -> int:
             for proc, _ in procs.values():
                 stop(proc, timeout=5)
             server.close()
+            await asyncio.sleep(0.5)   # the upstream's handlers see their connections end
 
     results = asyncio.run(run())
     probes = list(next(iter(results.values())))

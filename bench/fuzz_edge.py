@@ -328,6 +328,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--timeout", type=float, default=15.0,
                         help="seconds before a request counts as a hang (the gateway's deadlines here are 5 s)")
     parser.add_argument("--seed", type=int, default=1)
+    parser.add_argument("--rounds", type=int, default=1,
+                        help="send the requests this many times to the same gateway, RSS after each round "
+                             "(memory that grows round after round would be a leak)")
     parser.add_argument("--json-out", type=Path)
     args = parser.parse_args(argv)
     tmp = Path(tempfile.mkdtemp(prefix="mp-fuzz-"))
@@ -349,13 +352,17 @@ def main(argv: list[str] | None = None) -> int:
         wait_http(f"http://127.0.0.1:{port}/readyz", gw, log=log)
         time.sleep(0.5)   # the keys watch
         rss_before = rss_mib(gw.pid)
-        result = asyncio.run(fuzz(port, key, args))
-        time.sleep(1.0)
-        rss_after = rss_mib(gw.pid)
+        rss_rounds = []
+        for _ in range(args.rounds):
+            result = asyncio.run(fuzz(port, key, args))
+            time.sleep(1.0)
+            rss_rounds.append(round(rss_mib(gw.pid), 1))
+        rss_after = rss_rounds[-1]
         alive = gw.poll() is None
         text = log.read_text(errors="replace")
         result.update({"requests": args.requests, "concurrency": args.concurrency, "seed": args.seed,
                        "rss_before_mib": round(rss_before, 1), "rss_after_mib": round(rss_after, 1),
+                       "rss_after_each_round_mib": rss_rounds, "rounds": args.rounds,
                        "gateway_alive": alive, "tracebacks": text.count("Traceback"),
                        "error_lines": sum(1 for line in text.splitlines() if '"level": "error"' in line
                                           or '"level":"error"' in line)})
@@ -375,7 +382,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def print_table(r: dict[str, Any]) -> None:
     print(f"\n{r['requests']} generated bad requests, {r['concurrency']} at a time, seed {r['seed']}, "
-          f"{r['seconds']} s")
+          f"{r['seconds']} s (the last of {r['rounds']} rounds)")
     print("\n| status | count |\n|---|---|")
     for status, count in r["by_status"].items():
         print(f"| {status} | {count} |")
@@ -386,6 +393,7 @@ def print_table(r: dict[str, Any]) -> None:
           f"\n| hangs | {r['hang_count']} |\n| errors outside the OpenAI envelope | {r['non_envelope_count']} |"
           f"\n| tracebacks in the gateway log | {r['tracebacks']} |"
           f"\n| gateway RSS before / after | {r['rss_before_mib']} / {r['rss_after_mib']} MiB |"
+          f"\n| RSS after each of {r['rounds']} rounds | {r['rss_after_each_round_mib']} MiB |"
           f"\n| gateway alive after | {r['gateway_alive']} |")
     for name in ("gateway_5xx", "non_envelope", "hangs"):
         for sample in r[name]:

@@ -297,7 +297,8 @@ class Gateway:
                 self.limiter.charge_tokens(principal.record, usage.total, now)
         if ex is not None and ex.tap is not None and status < 400:
             self.metrics.observe_stream(model, ex.tap)
-        self.access_log.request(request_id, model=model, route=route, status=status, key=principal.key_id,
+        self.access_log.request(request_id, model=model if len(model) <= 200 else model[:200] + "...", route=route,
+                                status=status, key=principal.key_id,
                                 instance=ex.instance_id if ex is not None else "",
                                 duration_ms=round((now - started) * 1000, 1),
                                 prompt_tokens=usage.prompt_tokens if usage else None,
