@@ -105,6 +105,7 @@ class Gateway:
         self.started = time.time()
         self.server: HttpServer | None = None
         self.access_log = AccessLog()
+        self._max_json_depth = config.edge.max_json_depth
         self._background: contextlib.AsyncExitStack | None = None
 
     # -- lifecycle ---------------------------------------------------------------------------
@@ -241,7 +242,7 @@ class Gateway:
         try:
             principal = self._principal(request)
             body = request.body
-            model, payload = parse_model(body, self.config.edge.max_json_depth)
+            model, payload = parse_model(body, self._max_json_depth)
             candidates = self.table.ready(model)
             exists = bool(candidates) or self.table.known(model) or self.access.in_catalog(model)
             check_model_access(principal, model, self.access, exists=exists)

@@ -116,9 +116,9 @@ def upstream_headers(request: Request) -> Headers:
     """The client's headers minus hop-by-hop ones (those its Connection names too) and
     credentials, plus the request id."""
     drop = DROP_REQUEST_HEADERS
-    named = request.header(b"connection")
-    if named and named.lower() not in ("keep-alive", "close"):
-        drop = drop | {t.strip().lower().encode("latin-1") for t in named.split(",")}
+    named = request._index.get(b"connection")
+    if named and named.lower() not in (b"keep-alive", b"close"):
+        drop = drop | {t.strip().lower() for t in named.split(b",")}
     out = [(name, value) for name, value in request.headers if name.lower() not in drop]
     out.append((b"X-Request-Id", request.id.encode("latin-1")))
     return out
@@ -183,7 +183,7 @@ class Forwarder:
             raise NoCapacity("no ready instance of this model right now; retry shortly")
         headers = upstream_headers(request)
         seq = next(self._requests)
-        fault = Attribution()
+        fault = _NO_FAULT
         tried: set[str] = set()
         last_error: GatewayError | None = None
         last_reason = ""
@@ -205,6 +205,8 @@ class Forwarder:
                             attempt=attempt + 1)
                 last_error = (UpstreamTimeout if isinstance(exc, UpstreamTimeoutError) else UpstreamFailed)(
                     f"instance {ep.instance_id} of '{ep.model}' failed: {reason}")
+                if fault is _NO_FAULT:
+                    fault = Attribution()
                 verdict = fault.answer_failed(ep.instance_id) if exc.sent else fault.connect_failed(ep.instance_id)
                 _blame(on_result, candidates, verdict.blame, reason, seq)
                 if not verdict.retry:
@@ -214,6 +216,8 @@ class Forwarder:
                 self.in_flight.release(ep)
                 raise
             if upstream.status >= 500:
+                if fault is _NO_FAULT:
+                    fault = Attribution()
                 verdict = fault.answer_failed(ep.instance_id)
                 if verdict.retry and attempt + 1 < attempts:
                     upstream.close()
@@ -314,6 +318,9 @@ class Forwarder:
                 upstream.release()
             else:
                 upstream.close()  # the engine sees the disconnect and stops generating
+
+
+_NO_FAULT = Attribution()   # shared while nothing failed (its undecided stays None): one object less a request
 
 
 def _blame(on_result: OnResult | None, candidates: tuple[Endpoint, ...], instance_ids: tuple[str, ...], reason: str,

@@ -131,7 +131,9 @@ def with_usage_requested(route: str, payload: dict[str, object], body: bytes) ->
     ``stream_options`` that is not an object) are left alone: the engine answers the client's own
     body, and such a stream is counted from its events (``fallback_usage``).
     """
-    if route not in USAGE_OPT_IN_ROUTES or lax_bool(payload.get("stream", False)) is not True:
+    stream = payload.get("stream")
+    if route not in USAGE_OPT_IN_ROUTES or (stream is not True and (stream is None or stream is False
+                                                                     or lax_bool(stream) is not True)):
         return None
     if "stream_options" not in payload:
         end = body.rstrip().rfind(b"}")
@@ -145,7 +147,7 @@ def with_usage_requested(route: str, payload: dict[str, object], body: bytes) ->
     if not isinstance(options, dict):
         return None
     asked = options.get("include_usage")
-    if asked is not None and lax_bool(asked) is not False:
+    if asked is True or (asked is not None and lax_bool(asked) is not False):
         return None          # the client asked for usage (or sent a value the engine refuses)
     continuous = options.get("continuous_usage_stats")
     if continuous is not None and lax_bool(continuous) is None:

@@ -39,7 +39,8 @@ import httptools
 
 HIGH_WATER = 256 * 1024   # buffered response bytes before the socket is paused
 MAX_IDLE_PER_HOST = 256   # idle keep-alive connections kept per upstream
-MAX_HEAD_BYTES = 64 * 1024   # an engine's response head (interim 1xx heads included)
+MAX_HEAD_BYTES = 64 * 1024   # an engine's response head
+MAX_INTERIM = 8              # 1xx interim responses before the final one
 
 
 class UpstreamError(Exception):
@@ -78,6 +79,7 @@ class _Connection(asyncio.Protocol):
         self._head_bytes = 0        # of the current response's heads, interim ones included
         self._in_head = False       # a request was sent and its (final) head is not complete yet
         self._interim = False       # the message being parsed is a 1xx interim response
+        self._interims = 0
         self._excess = False        # bytes arrived that belong to no request: the connection is spent
 
     # -- asyncio.Protocol ------------------------------------------------------------------
@@ -93,6 +95,7 @@ class _Connection(asyncio.Protocol):
             self._excess = True
             self.close()
             return
+        in_head = self._in_head
         try:
             self._parser.feed_data(data)
         except httptools.HttpParserUpgrade:
@@ -107,10 +110,16 @@ class _Connection(asyncio.Protocol):
             else:
                 self._fail(UpstreamBroken(f"malformed HTTP response: {exc}"))
             return
-        if self._in_head:   # httptools holds an unfinished header line: bound what a head may take
-            self._head_bytes += len(data)
-            if self._head_bytes > self.max_head_bytes:
-                self._fail(UpstreamBroken(f"response head over {self.max_head_bytes} bytes"))
+        if in_head:   # bound what a head may take, without counting per header in the common case
+            if self._in_head:   # still unfinished: all of these bytes were head
+                self._head_bytes += len(data)
+                if self._head_bytes > self.max_head_bytes:
+                    self._fail(UpstreamBroken(f"response head over {self.max_head_bytes} bytes"))
+            elif self._head_bytes + len(data) > self.max_head_bytes and self._response is not None:
+                # the head ended in a large read: measure it exactly
+                size = sum(len(n) + len(v) + 4 for n, v in self._response.headers)
+                if size > self.max_head_bytes:
+                    self._fail(UpstreamBroken(f"response head over {self.max_head_bytes} bytes"))
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
@@ -137,12 +146,8 @@ class _Connection(asyncio.Protocol):
             raise _Stop(UpstreamBroken("bytes past the end of the response"))
 
     def on_header(self, name: bytes, value: bytes) -> None:
-        if not self._in_head:   # a trailer of a chunked response: dropped, never a header
-            return
-        self._head_bytes += len(name) + len(value) + 4
-        if self._head_bytes > self.max_head_bytes:
-            raise _Stop(UpstreamBroken(f"response head over {self.max_head_bytes} bytes"))
-        self._header_list.append((name, value))
+        if self._in_head:   # (trailers of a chunked response are dropped, never headers)
+            self._header_list.append((name, value))
 
     def on_headers_complete(self) -> None:
         resp = self._response
@@ -154,6 +159,9 @@ class _Connection(asyncio.Protocol):
             raise _Stop(UpstreamBroken("upstream answered 101 Switching Protocols; refused"))
         if 100 <= status < 200:
             self._interim = True       # 100 Continue, 103 Early Hints: skipped, the final answer follows
+            self._interims += 1
+            if self._interims > MAX_INTERIM:
+                raise _Stop(UpstreamBroken(f"more than {MAX_INTERIM} interim (1xx) responses"))
             self._header_list = []
             self._in_head = True
             return
@@ -216,7 +224,7 @@ class _Connection(asyncio.Protocol):
         # and a connection whose response did not complete is closed, never reused.
         self._header_list = []
         self._got_bytes = False
-        self._head_bytes = 0
+        self._head_bytes = self._interims = 0
         self._in_head = True
         self._response = response
         self._headers_waiter = self.loop.create_future()

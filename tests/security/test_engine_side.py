@@ -118,3 +118,15 @@ async def test_an_engine_error_outside_the_envelope_reaches_the_client_in_it(wor
     err = replies[0].envelope()
     assert err["type"] == "upstream_error" and "Server got itself in trouble" in err["message"]
     assert replies[0].header("content-type") == "application/json"
+
+
+async def test_a_large_head_in_one_write_and_endless_interims_are_502(world: World,
+                                                                     engine: tuple[ScriptedEngine, str]) -> None:
+    eng, model = engine
+    eng.answer = b"HTTP/1.1 200 OK\r\nX-Big: " + b"h" * (100 << 10) + b"\r\nContent-Length: 2\r\n\r\n{}"
+    replies, _ = await ask(world, model)
+    assert [r.status for r in replies] == [502]
+    eng.answer = b"HTTP/1.1 103 Early Hints\r\nLink: </a>\r\n\r\n" * 9 + JSON_OK
+    replies, _ = await ask(world, model)
+    assert [r.status for r in replies] == [502]
+    assert "interim" in replies[0].envelope()["message"]
