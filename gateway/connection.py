@@ -210,7 +210,7 @@ class HttpConnection(asyncio.Protocol):
             return
         self._headers.append((name, value))
         self._header_bytes += len(name) + len(value)
-        if len(name) == 4 and name.lower() == b"host":
+        if (name[0] == 72 or name[0] == 104) and len(name) == 4 and name.lower() == b"host":   # H / h
             self._hosts += 1
         if len(self._headers) > self._max_headers or self._header_bytes > self._max_header_bytes:
             raise _HeadTooLarge(HeadersTooLarge(
