@@ -78,7 +78,9 @@ def test_keyed_client_is_served_while_20000_slow_connections_trickle(etcd_server
         deadline = time.monotonic() + 60
         while not all((tmp_path / f"ready-{i}").exists() for i in range(processes)):
             assert time.monotonic() < deadline, "the attackers did not open their connections in 60 s"
-            assert all(p.poll() is None for p in attackers), (tmp_path / "attacker-0.log").read_text()[-2000:]
+            # an attacker whose connections were all shed may be done already; one that died early is not
+            crashed = [i for i, p in enumerate(attackers) if p.poll() not in (None, 0)]
+            assert not crashed, (tmp_path / f"attacker-{crashed[0]}.log").read_text()[-2000:] if crashed else ""
             time.sleep(0.1)
         opened = sum(json.loads((tmp_path / f"ready-{i}").read_text())["opened"] for i in range(processes))
         # the slow connections exist (the newest ones still open in the gateway): a keyed client is served
