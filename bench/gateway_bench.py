@@ -13,12 +13,19 @@ request (all processes share the machine's cores, so CPU per request is the fair
         --json-out bench-gateway.json
 
 Needs nginx and wrk on PATH (apt-get install -y nginx wrk); vllm-router is skipped if missing.
+
+``--baseline-root DIR`` also runs the gateway from another checkout (e.g. ``git archive`` of the
+commit to compare with) as ``base-wN``, against the same etcd and nginx, so that a change's CPU per
+request is compared in one run. The targets ``ours-bare``, ``granian-rsgi`` and
+``uvicorn-httptools`` are the thinnest proxies on those servers (``bench/server_candidates.py``),
+for deciding the edge's server.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import concurrent.futures
 import json
 import os
 import platform
@@ -53,6 +60,7 @@ WRK_LUA = """
 wrk.method = "POST"
 wrk.body = [==[@BODY@]==]
 wrk.headers["Content-Type"] = "application/json"
+wrk.headers["Authorization"] = "Bearer bench"
 done = function(summary, latency, requests)
   local e = summary.errors
   io.write(string.format(
@@ -143,6 +151,44 @@ def start_vllm_router(tmp: Path, upstream: str) -> tuple[subprocess.Popen[bytes]
     return proc, url
 
 
+def start_candidate(tmp: Path, upstream: str, which: str) -> tuple[subprocess.Popen[bytes], str] | None:
+    """A bare proxy on our server, granian (RSGI) or uvicorn (httptools): bench/server_candidates.py."""
+    port = free_port()
+    bindir = Path(sys.executable).parent
+    if which == "ours-bare":
+        exe = Path(sys.executable)
+        argv = [sys.executable, "-m", "bench.server_candidates", str(port)]
+    elif which == "granian-rsgi":
+        exe = bindir / "granian"
+        argv = [str(exe), "--interface", "rsgi", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
+                "--loop", "uvloop", "--no-ws", "--log-level", "warning", "bench.server_candidates:rsgi_app"]
+    else:
+        exe = bindir / "uvicorn"
+        argv = [str(exe), "bench.server_candidates:asgi_app", "--host", "127.0.0.1", "--port", str(port),
+                "--http", "httptools", "--loop", "uvloop", "--no-access-log", "--log-level", "warning"]
+    if not exe.exists():
+        print(f"{which}: {exe.name} not installed (pip install granian uvicorn): skipped", file=sys.stderr)
+        return None
+    log = tmp / f"{which}.log"
+    env = {**os.environ, "MODELPOOL_BENCH_UPSTREAM": upstream, "PYTHONPATH": str(ROOT)}
+    proc = spawn(argv, log, env=env, cwd=ROOT)
+    url = f"http://127.0.0.1:{port}"
+    wait_http(url + "/health", proc, log=log)
+    return proc, url
+
+
+def start_gateway_from(root: Path, endpoint: str, prefix: str, tmp: Path, workers: int
+                       ) -> tuple[subprocess.Popen[bytes], str]:
+    """`ctl gateway` run from another checkout (its own code, this venv's packages)."""
+    port = free_port()
+    log = tmp / f"base-gateway-{port}.log"
+    argv = [sys.executable, "-m", "controlplane.cli.main", "gateway", "--etcd", endpoint, "--etcd-prefix", prefix,
+            "--host", "127.0.0.1", "--port", str(port), "--no-auth", "--workers", str(workers)]
+    proc = spawn(argv, log, cwd=root, env={**os.environ, "PYTHONPATH": str(root)})
+    wait_http(f"http://127.0.0.1:{port}/readyz", proc, log=log)
+    return proc, f"http://127.0.0.1:{port}"
+
+
 def start_naive(tmp: Path, upstream: str) -> tuple[subprocess.Popen[bytes], str]:
     port = free_port()
     log = tmp / "naive.log"
@@ -178,7 +224,8 @@ def wait_routable(url: str, timeout: float = 30.0) -> None:
 
 def fetch_stream(url: str) -> bytes:
     req = urllib.request.Request(url + "/v1/chat/completions", data=json.dumps(REQUEST).encode(),
-                                 headers={"Content-Type": "application/json"}, method="POST")
+                                 headers={"Content-Type": "application/json", "Authorization": "Bearer bench"},
+                                 method="POST")
     with urllib.request.urlopen(req, timeout=10) as r:
         return bytes(r.read())
 
@@ -229,6 +276,17 @@ def measure(target: Target, lua: Path, concurrency: int, duration: int) -> dict[
     return result
 
 
+def _groups(targets: list[Target], by_name: dict[str, Target], paired: bool) -> list[list[Target]]:
+    """Targets measured one after the other; with ``paired``, each gateway-wN together with base-wN."""
+    out: list[list[Target]] = []
+    for t in targets:
+        if paired and t.name.startswith("base-"):
+            continue
+        twin = by_name.get(t.name.replace("gateway-", "base-")) if paired and t.name.startswith("gateway-") else None
+        out.append([t, twin] if twin is not None else [t])
+    return out
+
+
 def median_of(runs: list[dict[str, float]]) -> dict[str, float]:
     return {k: statistics.median(r[k] for r in runs) for k in runs[0]}
 
@@ -251,7 +309,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=3, help="measurements per point (median reported)")
     parser.add_argument("--chunks", type=int, default=64, help="SSE events per response (plus [DONE])")
     parser.add_argument("--targets", nargs="+", default=["direct", "gateway", "vllm-router", "naive"],
-                        choices=["direct", "gateway", "vllm-router", "naive"])
+                        choices=["direct", "gateway", "vllm-router", "naive", "granian-rsgi", "uvicorn-httptools",
+                                 "ours-bare"])
+    parser.add_argument("--baseline-root", type=Path, help="also run the gateway from this checkout (base-wN)")
+    parser.add_argument("--paired", action="store_true",
+                        help="with --baseline-root: drive gateway-wN and base-wN at the same time (two wrk), so "
+                             "that both see the same load from the rest of the machine")
     parser.add_argument("--upstream", choices=["chunked", "static"], default="chunked",
                         help="chunked: one HTTP chunk per SSE event, as engines stream (default); static: the "
                              "same body in one write with Content-Length, so only the proxies' cost shows")
@@ -284,11 +347,20 @@ def main(argv: list[str] | None = None) -> int:
                 procs.append(gw)
                 wait_routable(url)
                 targets.append(Target(f"gateway-w{n}", url, gw.pid, gw))
+                if args.baseline_root:
+                    base, base_url = start_gateway_from(args.baseline_root, etcd.endpoint, prefix, tmp, n)
+                    procs.append(base)
+                    wait_routable(base_url)
+                    targets.append(Target(f"base-w{n}", base_url, base.pid, base))
         if "vllm-router" in args.targets:
             started = start_vllm_router(tmp, upstream)
             if started:
                 procs.append(started[0])
                 targets.append(Target("vllm-router", started[1], started[0].pid, started[0]))
+        for which in ("ours-bare", "granian-rsgi", "uvicorn-httptools"):
+            if which in args.targets and (cand := start_candidate(tmp, upstream, which)):
+                procs.append(cand[0])
+                targets.append(Target(which, cand[1], cand[0].pid, cand[0]))
         if "naive" in args.targets:
             naive, url = start_naive(tmp, upstream)
             procs.append(naive)
@@ -301,14 +373,19 @@ def main(argv: list[str] | None = None) -> int:
             time.sleep(args.hold)
         for t in targets:  # warm up connections, caches and JIT-less paths alike
             run_wrk(lua, t.url, max(args.concurrency), 1)
+        by_name = {t.name: t for t in targets}
         for rep in range(args.repeats):
             for c in args.concurrency:
-                for t in targets:
-                    r = measure(t, lua, c, args.duration)
-                    t.runs.setdefault(c, []).append(r)
-                    print(f"  rep {rep + 1}/{args.repeats} c={c:<3} {t.name:<14} {r['rps']:9.0f} req/s  "
-                          f"p50 {r['p50_ms']:7.2f} ms  p99 {r['p99_ms']:7.2f} ms  cpu {r['cpu_ms_per_req']:.3f} ms/req"
-                          f"  errors {r['errors']:.0f}", file=sys.stderr, flush=True)
+                for group in _groups(targets, by_name, args.paired):
+                    with concurrent.futures.ThreadPoolExecutor(len(group)) as pool:
+                        futures = [pool.submit(measure, t, lua, c, args.duration) for t in group]
+                        results = [f.result() for f in futures]
+                    for t, r in zip(group, results, strict=True):
+                        t.runs.setdefault(c, []).append(r)
+                        print(f"  rep {rep + 1}/{args.repeats} c={c:<3} {t.name:<14} {r['rps']:9.0f} req/s  "
+                              f"p50 {r['p50_ms']:7.2f} ms  p99 {r['p99_ms']:7.2f} ms  "
+                              f"cpu {r['cpu_ms_per_req']:.3f} ms/req  errors {r['errors']:.0f}", file=sys.stderr,
+                              flush=True)
     finally:
         for p in reversed(procs):
             stop(p, timeout=10)
@@ -335,20 +412,26 @@ def build_report(args: argparse.Namespace, targets: list[Target], identical: dic
         for c in args.concurrency:
             gw = points[t.name][str(c)]["median"]
             out: dict[str, float] = {}
-            for peer in ("direct", "vllm-router", "naive-aiohttp"):
+            peers = ["direct", "vllm-router", "naive-aiohttp", "ours-bare", "granian-rsgi", "uvicorn-httptools"]
+            base = t.name.replace("gateway-", "base-")
+            for peer in [*peers, base] if base in points and base != t.name else peers:
                 if peer in points:
                     p = points[peer][str(c)]["median"]
                     key = peer.replace("-", "_")
                     out[f"rps_vs_{key}"] = round(gw["rps"] / p["rps"], 3)
                     out[f"p50_added_ms_vs_{key}"] = round(gw["p50_ms"] - p["p50_ms"], 3)
                     out[f"cpu_per_req_vs_{key}"] = round(gw["cpu_ms_per_req"] / max(p["cpu_ms_per_req"], 1e-9), 3)
+            if base in points and base != t.name:   # per repetition (paired runs: measured at the same time)
+                pairs = zip(points[t.name][str(c)]["runs"], points[base][str(c)]["runs"], strict=True)
+                per_rep = [a["cpu_ms_per_req"] / max(b["cpu_ms_per_req"], 1e-9) for a, b in pairs]
+                out["cpu_per_req_vs_base_per_rep_median"] = round(statistics.median(per_rep), 3)
             ratios[f"{t.name}@c{c}"] = out
     return {
         "meta": {
             "cpus": len(os.sched_getaffinity(0)), "machine": platform.machine(), "python": platform.python_version(),
             "nginx": tool_version(["nginx", "-v"]), "wrk": tool_version(["wrk", "--version"]),
             "vllm_router": _pkg_version("vllm-router"), "aiohttp": _pkg_version("aiohttp"),
-            "duration_s": args.duration, "repeats": args.repeats, "chunks": args.chunks,
+            "duration_s": args.duration, "repeats": args.repeats, "chunks": args.chunks, "paired": args.paired,
             "body_bytes": len(body), "event_bytes": event_bytes, "body_identical": identical,
             "argv": sys.argv[1:], "unix_time": int(time.time()),
         },

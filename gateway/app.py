@@ -26,7 +26,7 @@ import time
 import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 from urllib.parse import unquote
 
 import structlog
@@ -39,15 +39,16 @@ from controlplane.pb import ApiKey, InstanceRecord, ModelSpec
 from controlplane.store import EtcdConfig, EtcdStore, StoreError
 from controlplane.store.cache import CacheEvent, WatchedCache, proto_decoder
 from gateway.accesslog import FLUSH_S, AccessLog
-from gateway.auth import ANONYMOUS, KeyTable, ModelAccessTable, Principal, check_model_access
+from gateway.auth import ANONYMOUS, KeyTable, ModelAccessTable, Principal, check_model_access, model_not_found
+from gateway.edge import EdgeLimits
 from gateway.ejection import Ejections
-from gateway.errors import GatewayError, ModelNotFound, NoCapacity, RateLimited
+from gateway.errors import GatewayError, NoCapacity, RateLimited
 from gateway.fleet import FleetMember, FleetSettings
 from gateway.limits import RateLimiter
 from gateway.metrics import UNKNOWN_MODEL, GatewayMetrics
 from gateway.proxy import Exchange, Forwarder, ProxySettings, parse_model
 from gateway.routing import SESSION_HEADER
-from gateway.server import Handler, HttpServer, Request, Response
+from gateway.server import HttpServer, Request, Response, Route
 from gateway.sse import TOKEN_FIELDS, with_usage_requested
 from gateway.table import Endpoint, RoutingTable, engine_card_fields
 from gateway.tenancy import ServePolicy, instance_caches, model_card
@@ -80,7 +81,7 @@ class GatewayConfig:
 
     etcd: EtcdConfig
     auth: bool = True
-    max_body_bytes: int = 32 * 1024 * 1024
+    edge: EdgeLimits = field(default_factory=EdgeLimits)   # bounds of the HTTP edge (docs/security.md)
     proxy: ProxySettings = field(default_factory=ProxySettings)
     gateway_id: str = field(default_factory=lambda: uuid.uuid4().hex[:12])
     address: str = ""                    # host:port clients reach this gateway at (GatewayRecord)
@@ -124,6 +125,7 @@ class Gateway:
         self.started = time.time()
         self.server: HttpServer | None = None
         self.access_log = AccessLog()
+        self._max_json_depth = config.edge.max_json_depth
         self._background: contextlib.AsyncExitStack | None = None
 
     # -- lifecycle ---------------------------------------------------------------------------
@@ -163,24 +165,21 @@ class Gateway:
         return all(c.loaded for c in self.caches) and bool(self.caches)
 
     def http_server(self) -> HttpServer:
-        """The HTTP server of this gateway's routes (API routes gated until the state is loaded)."""
-        forward: dict[str, Handler] = {"POST": self._when_loaded(self.forward)}
-        return HttpServer(
+        """The HTTP server of this gateway's routes."""
+        # The API key is checked when the request head is complete (Route.admit): a keyless or bad
+        # key is answered 401 before one byte of its body is buffered; until the routing, key and
+        # model tables are loaded every API route answers 503 (_authenticate).
+        forward = {"POST": Route(self.forward, admit=self._authenticate)}
+        keyed_get = {"GET": Route(self.list_models, admit=self._authenticate, body=False)}
+        live = {"GET": self.healthz}
+        server = HttpServer(
             {**{path: forward for path in FORWARDED_ROUTES},
-             "/v1/models": {"GET": self._when_loaded(self.list_models)}, "/healthz": {"GET": self.healthz},
+             "/v1/models": keyed_get, "/healthz": live, "/health": live,
              "/readyz": {"GET": self.readyz}, "/metrics": {"GET": self.prometheus}},
-            prefix_routes=[("/v1/models/", {"GET": self._when_loaded(self.get_model)})],
-            max_body_bytes=self.config.max_body_bytes)
-
-    def _when_loaded(self, handler: Handler) -> Handler:
-        """``handler``, answering 503 (Retry-After) until the tables are loaded: before that a valid
-        key would get 401 and a private model would be visible."""
-        async def gated(request: Request, response: Response) -> None:
-            if not self.state_loaded:
-                raise NoCapacity("the gateway is starting: its routing, key and model tables are not loaded "
-                                 "from etcd yet; retry shortly")
-            await handler(request, response)
-        return gated
+            prefix_routes=[("/v1/models/", {"GET": Route(self.get_model, admit=self._authenticate, body=False)})],
+            limits=self.config.edge)
+        self.metrics.bind_server(server)
+        return server
 
     @contextlib.asynccontextmanager
     async def background(self) -> AsyncIterator[None]:
@@ -191,7 +190,8 @@ class Gateway:
             stack.callback(self.access_log.flush)
             store = await EtcdStore(self.config.etcd).connect()
             stack.push_async_callback(store.close)
-            pool = UpstreamPool(connect_timeout_s=self.config.proxy.connect_timeout_s)
+            pool = UpstreamPool(connect_timeout_s=self.config.proxy.connect_timeout_s,
+                                max_head_bytes=self.config.edge.max_upstream_head_bytes)
             stack.callback(pool.close)
             self.forwarder = Forwarder(pool, self.config.proxy, on_retry=self.metrics.retries.inc)
             self.metrics.bind(self)
@@ -263,10 +263,22 @@ class Gateway:
 
     # -- handlers ----------------------------------------------------------------------------
 
-    def _principal(self, request: Request) -> Principal:
+    def _authenticate(self, request: Request) -> Principal:
+        """The caller of ``request`` (run at headers-complete); Unauthorized (401) without a valid key.
+
+        Until the routing, key and model tables are loaded it answers 503 (Retry-After) instead:
+        before that a valid key would get 401 and a private model would be visible."""
+        if not self.state_loaded:
+            raise NoCapacity("the gateway is starting: its routing, key and model tables are not loaded "
+                             "from etcd yet; retry shortly")
         if not self.config.auth:
             return ANONYMOUS
         return self.api_keys.authenticate(request.header(b"authorization"))
+
+    @staticmethod
+    def _principal(request: Request) -> Principal:
+        # what _authenticate returned at headers-complete (every keyed route has it as its admit)
+        return cast(Principal, request.context or ANONYMOUS)
 
     async def forward(self, request: Request, response: Response) -> None:
         """POST /v1/… routed by the body's ``model``."""
@@ -276,14 +288,14 @@ class Gateway:
         counted = False      # a visible, known model: the request counts in usage
         arrived = False      # ... and it passed the rate limits: it counts as demand
         ex: Exchange | None = None
+        response.logged = True   # the access line of _finished logs every outcome, rejections included
         try:
             principal = self._principal(request)
             body = request.body
-            model, payload = parse_model(body)
-            check_model_access(principal, model, self.access)
+            model, payload = parse_model(body, self._max_json_depth)
             candidates = self.table.ready(model)
-            if not candidates and not (self.table.known(model) or self.access.in_catalog(model)):
-                raise ModelNotFound(f"The model '{model}' does not exist or is not served right now.", param="model")
+            exists = bool(candidates) or self.table.known(model) or self.access.in_catalog(model)
+            check_model_access(principal, model, self.access, exists=exists)
             counted = True
             extra = self._admit(principal, started)
             self.demand.arrived(model, started)
@@ -293,6 +305,7 @@ class Gateway:
             assert self.forwarder is not None  # set in background() before the server accepts requests
             upstream_body = with_usage_requested(request.path, payload, body)
             ex = Exchange(started, session=request.header(_SESSION), strip_usage=upstream_body is not None,
+                          request_bytes=len(body),
                           token_field=TOKEN_FIELDS.get(request.path, "content"), extra_headers=extra)
             await self.forwarder.forward(request, response, FORWARDED_ROUTES[request.path], upstream_body or body,
                                          self.ejections.filter(candidates), self._on_upstream_result, ex)
@@ -336,17 +349,18 @@ class Gateway:
                 self.limiter.charge_tokens(principal.record, usage.total, now)
         if ex is not None and ex.tap is not None and status < 400:
             self.metrics.observe_stream(model, ex.tap)
-        self.access_log.request(request_id, model=model, route=route, status=status, key=principal.key_id,
+        self.access_log.request(request_id, model=model if len(model) <= 200 else model[:200] + "...", route=route,
+                                status=status, key=principal.key_id,
                                 instance=ex.instance_id if ex is not None else "",
                                 duration_ms=round((now - started) * 1000, 1),
                                 prompt_tokens=usage.prompt_tokens if usage else None,
                                 completion_tokens=usage.completion_tokens if usage else None)
 
-    def _on_upstream_result(self, ep: Endpoint, failure: str | None) -> None:
+    def _on_upstream_result(self, ep: Endpoint, failure: str | None, request_seq: int) -> None:
         if failure is None:
             self.ejections.succeeded(ep.instance_id)
-        elif self.ejections.failed(ep.instance_id):
-            self.metrics.ejections.labels(ep.model).inc()
+        elif self.ejections.failed(ep.instance_id, request_seq):
+            self.metrics.ejections.inc(ep.model)
             log.warning("instance ejected", instance=ep.instance_id, model=ep.model, reason=failure,
                         for_s=round(self.ejections.remaining(ep.instance_id), 2))
 
@@ -363,7 +377,7 @@ class Gateway:
         model = unquote(request.path.removeprefix("/v1/models/"))
         if (model not in self.table.models() or not self.access.visible(principal, model)
                 or not principal.may_use(model)):
-            raise ModelNotFound(f"The model '{model}' does not exist or is not served right now.", param="model")
+            raise model_not_found(model)
         response.send_json(200, self._model_card(model))
 
     def _model_card(self, model: str) -> dict[str, object]:
@@ -372,7 +386,7 @@ class Gateway:
                 **engine_card_fields(ready)}
 
     async def healthz(self, _: Request, response: Response) -> None:
-        """Liveness: the process answers."""
+        """Liveness: the process answers (``/healthz``, and ``/health`` as vLLM and benchmark clients probe it)."""
         response.send_json(200, {"status": "ok"})
 
     async def readyz(self, _: Request, response: Response) -> None:

@@ -165,16 +165,30 @@ class ModelAccessTable:
         """True when ``model`` has a catalog record (it may have no instance yet)."""
         return model in self._catalog
 
+    def is_private(self, model: str) -> bool:
+        """True when ``model`` is private to some owners (or unreadable: private to admins)."""
+        return model in self._private
+
     def private_models(self) -> list[str]:
         """Names of private models, sorted."""
         return sorted(self._private)
 
 
-def check_model_access(principal: Principal, model: str, access: ModelAccessTable | None = None) -> None:
-    """Raise ModelNotFound for a private model the key may not see, Forbidden when the key's
-    allowed_models exclude ``model``."""
-    if access is not None and not access.visible(principal, model):
-        # exactly what an unknown model gets: a private model's existence is not disclosed
-        raise ModelNotFound(f"The model '{model}' does not exist or is not served right now.", param="model")
+def model_not_found(model: str) -> ModelNotFound:
+    """The one answer for a model that does not exist and for one the key may not know about."""
+    return ModelNotFound(f"The model '{model}' does not exist or is not served right now.", param="model")
+
+
+def check_model_access(principal: Principal, model: str, access: ModelAccessTable | None = None, *,
+                       exists: bool = True) -> None:
+    """Raise ModelNotFound (404) for a model that does not exist or that ``principal`` may not see,
+    and Forbidden (403) for a visible model outside the key's allowed_models.
+
+    The 404 is decided first and is the same for both cases (status, body, code path), so a key
+    cannot tell a private model from a name that does not exist; only a model the key may see can
+    earn a 403.
+    """
+    if not exists or (access is not None and not access.visible(principal, model)):
+        raise model_not_found(model)
     if not principal.may_use(model):
         raise Forbidden(f"this API key may not use model '{model}'", param="model")

@@ -3,21 +3,27 @@
 from __future__ import annotations
 
 from bisect import bisect_left
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import TYPE_CHECKING
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, generate_latest
-from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily, Metric
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from prometheus_client.utils import floatToGoString
 
 if TYPE_CHECKING:
     from gateway.app import Gateway
+    from gateway.server import HttpServer
     from gateway.sse import StreamTap, TokenUsage
 
 # The model label of requests for models the gateway does not know: clients choose the body's
 # "model", and one series per made-up name would let them grow /metrics without bound.
 UNKNOWN_MODEL = "_unknown"
+# The model label of every private model (ModelSpec.access.public false): /metrics is keyless, and a
+# private model's name is not disclosed to anyone its owners did not admit (docs/security.md). The
+# series are summed under this label when scraped, so a model made private later vanishes too.
+PRIVATE_MODEL = "_private"
+Relabel = Callable[[str], str]
 _STATUS = {code: str(code) for code in range(100, 600)}
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
 # vLLM's buckets for time to first token and time per output token
@@ -41,6 +47,7 @@ class WeightedHistogram:
         self._labelnames = list(labelnames)
         self._bounds = tuple(buckets)
         self._series: dict[str | tuple[str, ...], tuple[list[int], list[float]]] = {}
+        self.relabel: Relabel | None = None    # applied to the "model" label when scraped
         registry.register(self)  # type: ignore[arg-type]
 
     def observe(self, labels: str | tuple[str, ...], value: float, weight: int = 1) -> None:
@@ -54,7 +61,10 @@ class WeightedHistogram:
     def collect(self) -> Iterator[Metric]:
         """The Prometheus samples (cumulative buckets, +Inf, sum, count)."""
         family = HistogramMetricFamily(self._name, self._doc, labels=self._labelnames)
-        for labels, (counts, total) in self._series.items():
+        series = self._series
+        if self.relabel is not None and "model" in self._labelnames:
+            series = _merged_histograms(series, self._labelnames.index("model"), self.relabel)
+        for labels, (counts, total) in series.items():
             running, buckets = 0, []
             for bound, count in zip((*self._bounds, float("inf")), counts, strict=True):
                 running += count
@@ -71,6 +81,7 @@ class LabelledCounter:
         self._doc = documentation
         self._labelnames = list(labelnames)
         self.values: dict[str | tuple[str, ...], float] = {}
+        self.relabel: Relabel | None = None    # applied to the "model" label when scraped
         registry.register(self)  # type: ignore[arg-type]
 
     def inc(self, labels: str | tuple[str, ...], amount: float = 1) -> None:
@@ -80,13 +91,64 @@ class LabelledCounter:
     def collect(self) -> Iterator[Metric]:
         """The Prometheus samples."""
         family = CounterMetricFamily(self._name, self._doc, labels=self._labelnames)
-        for labels, value in self.values.items():
+        values = self.values
+        if self.relabel is not None and "model" in self._labelnames:
+            at, relabel = self._labelnames.index("model"), self.relabel
+            values = {}
+            for labels, value in self.values.items():
+                key = _relabelled(labels, at, relabel)
+                values[key] = values.get(key, 0) + value
+        for labels, value in values.items():
             family.add_metric(_label_values(labels), float(value))
         yield family
 
 
 def _label_values(labels: str | tuple[str, ...]) -> list[str]:
     return list(labels) if isinstance(labels, tuple) else [labels]
+
+
+def _relabelled(labels: str | tuple[str, ...], at: int, relabel: Relabel) -> str | tuple[str, ...]:
+    if isinstance(labels, str):
+        return relabel(labels)
+    return (*labels[:at], relabel(labels[at]), *labels[at + 1:])
+
+
+def _merged_histograms(series: dict[str | tuple[str, ...], tuple[list[int], list[float]]], at: int,
+                       relabel: Relabel) -> dict[str | tuple[str, ...], tuple[list[int], list[float]]]:
+    out: dict[str | tuple[str, ...], tuple[list[int], list[float]]] = {}
+    for labels, (counts, total) in series.items():
+        key = _relabelled(labels, at, relabel)
+        have = out.get(key)
+        if have is None:
+            out[key] = (list(counts), [total[0]])
+        else:
+            for i, c in enumerate(counts):
+                have[0][i] += c
+            have[1][0] += total[0]
+    return out
+
+
+class EdgeCollector:
+    """The HTTP edge at scrape time: open connections, the cap, body bytes held, edge events."""
+
+    def __init__(self, server: HttpServer) -> None:
+        self.server = server
+
+    def collect(self) -> Iterator[Metric]:
+        """The Prometheus samples."""
+        srv = self.server
+        yield GaugeMetricFamily("modelpool_gateway_connections", "Client connections open now",
+                                value=len(srv.connections))
+        yield GaugeMetricFamily("modelpool_gateway_connection_limit", "Client connections accepted at most "
+                                "(beyond it the oldest without a request head are shed)", value=srv.max_connections)
+        yield GaugeMetricFamily("modelpool_gateway_request_body_bytes_buffered",
+                                "Request-body bytes held in memory now (bounded by --body-budget-mb)",
+                                value=srv.body_buffered)
+        events = CounterMetricFamily("modelpool_gateway_edge_events", "Connections shed or refused at the cap, "
+                                     "deadlines that expired, requests the edge rejected (by status)", labels=["event"])
+        for name, count in sorted(srv.stats.items()):
+            events.add_metric([name], float(count))
+        yield events
 
 
 class GatewayMetrics:
@@ -106,8 +168,8 @@ class GatewayMetrics:
                                      "Gap between streamed content events", ITL_BUCKETS, r)
         self.tokens = LabelledCounter("modelpool_gateway_tokens",
                                       "Tokens reported by engines' usage, by model and kind", ["model", "kind"], r)
-        self.ejections = Counter("modelpool_gateway_ejections", "Instances ejected after failures", ["model"],
-                                 registry=r)
+        self.ejections = LabelledCounter("modelpool_gateway_ejections", "Instances ejected after failures", ["model"],
+                                         r)
         self.retries = Counter("modelpool_gateway_retries", "Requests retried on another instance", registry=r)
         self.rate_limited = Counter("modelpool_gateway_rate_limited", "Requests denied by a key's limit, by limit",
                                     ["kind"], registry=r)
@@ -125,6 +187,7 @@ class GatewayMetrics:
                                 registry=r)
         self.etcd_space_warning = Gauge("modelpool_gateway_etcd_space_warning", "1 while the etcd database is near "
                                         "its quota or etcd raised NOSPACE", registry=r)
+        self._edge: EdgeCollector | None = None
 
     def bind(self, gw: Gateway) -> None:
         """Read live values from the gateway at scrape time."""
@@ -139,6 +202,20 @@ class GatewayMetrics:
         self.etcd_space_warning.set_function(lambda: 1.0 if gw.etcd_space is not None and gw.etcd_space.warning
                                              else 0.0)
         self._gw = gw
+
+        def public(model: str) -> str:
+            return PRIVATE_MODEL if gw.access.is_private(model) else model
+
+        for series in (self.requests, self.duration, self.ttft, self.itl, self.tokens, self.ejections):
+            series.relabel = public
+
+    def bind_server(self, server: HttpServer) -> None:
+        """Expose the HTTP edge's counters (connections, shed, timeouts, rejections)."""
+        if self._edge is None:
+            self._edge = EdgeCollector(server)
+            self.registry.register(self._edge)  # type: ignore[arg-type]
+        else:
+            self._edge.server = server
 
     def observe_request(self, model: str, route: str, status: int, seconds: float) -> None:
         """Count one finished request (``model`` must come from a bounded set: see UNKNOWN_MODEL)."""

@@ -98,31 +98,75 @@ def usage_from_tail(tail: bytes) -> TokenUsage | None:
 #: Routes whose streams carry usage only when the request asks for it (stream_options).
 USAGE_OPT_IN_ROUTES = frozenset(("/v1/chat/completions", "/v1/completions"))
 
+# JSON values an engine's request model (pydantic in lax mode, as vLLM and SGLang parse) reads as
+# true / false; anything else in a boolean field is a 400 from the engine.
+_LAX_TRUE = frozenset(("1", "true", "t", "yes", "y", "on"))
+_LAX_FALSE = frozenset(("0", "false", "f", "no", "n", "off"))
+
+
+def lax_bool(value: object) -> bool | None:
+    """What a lax boolean field makes of ``value``: True, False, or None (not a boolean at all)."""
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, int) and value in (0, 1):
+        return bool(value)
+    if isinstance(value, str):
+        low = value.strip().lower()
+        if low in _LAX_TRUE:
+            return True
+        if low in _LAX_FALSE:
+            return False
+    return None
+
 
 def with_usage_requested(route: str, payload: dict[str, object], body: bytes) -> bytes | None:
-    """The body to send upstream so a stream reports usage, or None to send ``body`` unchanged.
+    """The body to send upstream so that a stream reports its usage, or None to send ``body`` as is.
 
-    Only streaming chat/completions requests that did not ask for usage are changed, and only
-    when ``stream_options`` holds nothing else: ``continuous_usage_stats`` or unknown options
-    would change the other events too, and then the client would not get the stream it asked
-    for. The gateway strips the usage event it asked for (``StreamTap(strip_usage=True)``).
+    Every streaming chat/completions request gets ``stream_options.include_usage: true`` unless
+    the client asked for usage itself (``include_usage`` true, or ``stream_options`` without
+    ``include_usage``: vLLM's ``StreamOptions.include_usage`` defaults to true). With
+    ``include_usage`` off an engine ignores ``continuous_usage_stats`` (vLLM, SGLang), so a
+    client's ``continuous_usage_stats: true`` is sent as false: the engine's stream is then
+    exactly the one the client's own body would get, plus one final usage event, which
+    ``StreamTap(strip_usage=True)`` removes. Other keys of ``stream_options`` are kept. Values an
+    engine would reject (a non-boolean ``include_usage``, ``stream_options`` that is not an
+    object) are left alone: the engine answers the client's own body, and such a stream is
+    counted from its events (``fallback_usage``).
     """
-    if route not in USAGE_OPT_IN_ROUTES or payload.get("stream") is not True:
+    stream = payload.get("stream")
+    if route not in USAGE_OPT_IN_ROUTES or (stream is not True and (stream is None or stream is False
+                                                                     or lax_bool(stream) is not True)):
         return None
-    options = payload.get("stream_options")
     if "stream_options" not in payload:
         end = body.rstrip().rfind(b"}")
         if end <= 0:
             return None
         # splice instead of re-serialising: the rest of the body stays byte for byte
         return body[:end] + b',"stream_options":{"include_usage":true}' + body[end:]
+    options = payload["stream_options"]
     if options is None:
         options = {}
-    if not isinstance(options, dict) or options.get("include_usage") is True:
+    if not isinstance(options, dict):
         return None
-    if set(options) - {"include_usage"}:
-        return None
-    return orjson.dumps({**payload, "stream_options": {"include_usage": True}})
+    if "include_usage" not in options and payload["stream_options"] is not None:
+        return None          # vLLM's default: stream_options without include_usage asks for usage
+    asked = options.get("include_usage")
+    if asked is True or (asked is not None and lax_bool(asked) is not False):
+        return None          # the client asked for usage (or sent a value the engine refuses)
+    continuous = options.get("continuous_usage_stats")
+    if continuous is not None and lax_bool(continuous) is None:
+        return None          # the engine refuses this body; it must see it as the client sent it
+    wanted = {**options, "include_usage": True}
+    if continuous is not None:
+        wanted["continuous_usage_stats"] = False
+    return orjson.dumps({**payload, "stream_options": wanted})
+
+
+def fallback_usage(body_bytes: int, completion_events: int) -> TokenUsage:
+    """Usage of a stream whose engine reported none (it ignores ``include_usage``, or the stream
+    was cut before its usage event): completion tokens counted from the stream's token events, the
+    prompt estimated at 4 bytes of request body per token."""
+    return TokenUsage(body_bytes // 4, completion_events)
 
 
 def _int(v: object) -> int:
@@ -228,6 +272,12 @@ class StreamTap:
         """Bytes still held back at the end of the stream (strip mode only)."""
         rest, self._carry = self._carry, b""
         return rest if self.strip_usage else b""
+
+    def count_token_events(self, data: bytes) -> int:
+        """Token events in a whole response (``feed_all`` does not count them: only needed when the
+        engine reported no usage)."""
+        end = data.rfind(_SEP)
+        return self._count_content(data, end) if end > 0 else 0
 
     def usage(self) -> TokenUsage | None:
         """Usage from the last usage event seen, parsed now; None when there was none."""

@@ -13,6 +13,12 @@ decompression), so the data path uses this one instead:
         ▼
     UpstreamResponse: status, headers, content_length, read_some(timeout), read_all(timeout)
 
+Bounds on what an engine sends (a misbehaving or compromised engine must not reach the client
+through us): a response head over ``MAX_HEAD_BYTES`` fails the request (502); bytes past the end
+of a response (beyond its Content-Length, or a second response nobody asked for) are dropped and
+the connection closed, never reused; 1xx interim responses are skipped (RFC 9110 15.2) and a
+``101 Switching Protocols`` is refused; trailers of a chunked response are read and dropped.
+
 Flow control: the connection stops reading from the socket while more than ``HIGH_WATER`` bytes
 wait for the client, and resumes when the gateway has written them. A connection goes back to
 the pool only when its response was read to the end and both sides allow keep-alive; anything
@@ -33,10 +39,20 @@ import httptools
 
 HIGH_WATER = 256 * 1024   # buffered response bytes before the socket is paused
 MAX_IDLE_PER_HOST = 256   # idle keep-alive connections kept per upstream
+MAX_HEAD_BYTES = 64 * 1024   # an engine's response head
+MAX_INTERIM = 8              # 1xx interim responses before the final one
 
 
 class UpstreamError(Exception):
-    """The upstream could not be reached or broke before its response headers arrived."""
+    """The upstream could not be reached or broke before its response headers arrived.
+
+    ``sent`` is False when the request cannot have reached the engine (the connection was never
+    made): such a failure is the instance's, whatever the request held.
+    """
+
+    def __init__(self, message: str, *, sent: bool = True) -> None:
+        super().__init__(message)
+        self.sent = sent
 
 
 class UpstreamTimeout(UpstreamError, TimeoutError):
@@ -50,15 +66,21 @@ class UpstreamBroken(Exception):
 class _Connection(asyncio.Protocol):
     """One keep-alive TCP connection; serves one request at a time."""
 
-    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+    def __init__(self, loop: asyncio.AbstractEventLoop, max_head_bytes: int = MAX_HEAD_BYTES) -> None:
         self.loop = loop
         self.transport: asyncio.Transport | None = None
         self.closed = False
+        self.max_head_bytes = max_head_bytes
         self._parser = httptools.HttpResponseParser(self)
         self._response: UpstreamResponse | None = None
         self._headers_waiter: asyncio.Future[None] | None = None
         self._header_list: list[tuple[bytes, bytes]] = []
         self._got_bytes = False
+        self._head_bytes = 0        # of the current response's heads, interim ones included
+        self._in_head = False       # a request was sent and its (final) head is not complete yet
+        self._interim = False       # the message being parsed is a 1xx interim response
+        self._interims = 0
+        self._excess = False        # bytes arrived that belong to no request: the connection is spent
 
     # -- asyncio.Protocol ------------------------------------------------------------------
 
@@ -67,12 +89,37 @@ class _Connection(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         self._got_bytes = True
+        if self._excess:
+            return
+        if self._response is None:   # bytes on an idle connection belong to no request: it is spent
+            self._excess = True
+            self.close()
+            return
+        in_head = self._in_head
         try:
             self._parser.feed_data(data)
         except httptools.HttpParserUpgrade:
             self._fail(UpstreamBroken("upstream tried to upgrade the connection"))
+            return
         except httptools.HttpParserError as exc:
-            self._fail(UpstreamBroken(f"malformed HTTP response: {exc}"))
+            stop = exc.__context__
+            if self._excess:   # a complete response is followed by bytes nobody asked for: drop them
+                self._spent()
+            elif isinstance(stop, _Stop):
+                self._fail(stop.error)
+            else:
+                self._fail(UpstreamBroken(f"malformed HTTP response: {exc}"))
+            return
+        if in_head:   # bound what a head may take, without counting per header in the common case
+            if self._in_head:   # still unfinished: all of these bytes were head
+                self._head_bytes += len(data)
+                if self._head_bytes > self.max_head_bytes:
+                    self._fail(UpstreamBroken(f"response head over {self.max_head_bytes} bytes"))
+            elif self._head_bytes + len(data) > self.max_head_bytes and self._response is not None:
+                # the head ended in a large read: measure it exactly
+                size = sum(len(n) + len(v) + 4 for n, v in self._response.headers)
+                if size > self.max_head_bytes:
+                    self._fail(UpstreamBroken(f"response head over {self.max_head_bytes} bytes"))
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
@@ -90,14 +137,35 @@ class _Connection(asyncio.Protocol):
 
     # -- httptools callbacks ---------------------------------------------------------------
 
+    def on_message_begin(self) -> None:
+        resp = self._response
+        if resp is None or resp.complete:
+            # bytes past the end of the response (beyond its Content-Length, or to no request): they
+            # must never reach a client. Stop parsing; the connection is not reused.
+            self._excess = True
+            raise _Stop(UpstreamBroken("bytes past the end of the response"))
+
     def on_header(self, name: bytes, value: bytes) -> None:
-        self._header_list.append((name, value))
+        if self._in_head:   # (trailers of a chunked response are dropped, never headers)
+            self._header_list.append((name, value))
 
     def on_headers_complete(self) -> None:
         resp = self._response
         if resp is None:
             return
-        resp.status = self._parser.get_status_code()
+        self._in_head = False
+        status = self._parser.get_status_code()
+        if status == 101:   # an engine must not switch protocols on a proxied request: 502
+            raise _Stop(UpstreamBroken("upstream answered 101 Switching Protocols; refused"))
+        if 100 <= status < 200:
+            self._interim = True       # 100 Continue, 103 Early Hints: skipped, the final answer follows
+            self._interims += 1
+            if self._interims > MAX_INTERIM:
+                raise _Stop(UpstreamBroken(f"more than {MAX_INTERIM} interim (1xx) responses"))
+            self._header_list = []
+            self._in_head = True
+            return
+        resp.status = status
         resp.headers = self._header_list
         for name, value in self._header_list:
             lname = name.lower()
@@ -119,10 +187,20 @@ class _Connection(asyncio.Protocol):
             self._response._feed(body)
 
     def on_message_complete(self) -> None:
+        if self._interim:
+            self._interim = False
+            return
         resp = self._response
         if resp is not None:
             resp.keep_alive = self._parser.should_keep_alive()
             resp._finish()
+
+    def _spent(self) -> None:
+        """Close the connection without failing a response that already completed."""
+        resp = self._response
+        if resp is not None:
+            resp.keep_alive = False
+        self.close()
 
     # -- request ---------------------------------------------------------------------------
 
@@ -139,22 +217,33 @@ class _Connection(asyncio.Protocol):
         if self.transport is not None:
             self.transport.close()
 
-    def start(self, payload: bytes, response: UpstreamResponse) -> asyncio.Future[None]:
+    def start(self, payload: bytes, response: UpstreamResponse, body: bytes = b"") -> asyncio.Future[None]:
         """Write the request; the returned future resolves when the response headers are in."""
         assert self.transport is not None
         # One parser per connection: llhttp starts over after each complete keep-alive response,
         # and a connection whose response did not complete is closed, never reused.
         self._header_list = []
         self._got_bytes = False
+        self._head_bytes = self._interims = 0
+        self._in_head = True
         self._response = response
         self._headers_waiter = self.loop.create_future()
         self.transport.write(payload)
+        if body:
+            self.transport.write(body)
         return self._headers_waiter
 
     @property
     def got_bytes(self) -> bool:
         """Whether any byte of the current response arrived."""
         return self._got_bytes
+
+
+class _Stop(Exception):
+    """Raised from a parser callback to stop parsing what an engine must not send."""
+
+    def __init__(self, error: Exception) -> None:
+        self.error = error
 
 
 class UpstreamResponse:
@@ -263,8 +352,10 @@ def _expire(waiter: asyncio.Future[None]) -> None:
 class UpstreamPool:
     """Keep-alive connections per upstream ``host:port``; one per in-flight request."""
 
-    def __init__(self, connect_timeout_s: float = 5.0, max_idle_per_host: int = MAX_IDLE_PER_HOST) -> None:
+    def __init__(self, connect_timeout_s: float = 5.0, max_idle_per_host: int = MAX_IDLE_PER_HOST,
+                 max_head_bytes: int = MAX_HEAD_BYTES) -> None:
         self.connect_timeout_s = connect_timeout_s
+        self.max_head_bytes = max_head_bytes
         self.max_idle_per_host = max_idle_per_host
         self._idle: dict[tuple[str, int], list[_Connection]] = {}
         self._hosts: dict[str, tuple[tuple[str, int], bytes]] = {}
@@ -293,11 +384,12 @@ class UpstreamPool:
         for name, value in headers:
             head.append(b"%s: %s\r\n" % (name, value))
         head.append(b"\r\n")
-        payload = b"".join(head) + body
+        # one write for a small request; a large body is written as it is (no copy of it)
+        payload, rest = (b"".join(head) + body, b"") if len(body) <= 65536 else (b"".join(head), body)
         for _ in range(2):
             conn, reused = await self._get(key)
             response = UpstreamResponse(self, key, conn)
-            waiter = conn.start(payload, response)
+            waiter = conn.start(payload, response, rest)
             timer = conn.loop.call_later(first_byte_timeout_s, _expire, waiter)
             try:
                 await waiter
@@ -326,11 +418,13 @@ class UpstreamPool:
         loop = asyncio.get_running_loop()
         try:
             async with asyncio.timeout(self.connect_timeout_s):
-                _, conn = await loop.create_connection(lambda: _Connection(loop), key[0], key[1])
+                _, conn = await loop.create_connection(lambda: _Connection(loop, self.max_head_bytes),
+                                                       key[0], key[1])
         except TimeoutError:
-            raise UpstreamTimeout(f"connecting to {key[0]}:{key[1]} took over {self.connect_timeout_s:g} s") from None
+            raise UpstreamTimeout(f"connecting to {key[0]}:{key[1]} took over {self.connect_timeout_s:g} s",
+                                  sent=False) from None
         except OSError as exc:
-            raise UpstreamError(f"cannot connect to {key[0]}:{key[1]}: {exc.strerror or exc}") from None
+            raise UpstreamError(f"cannot connect to {key[0]}:{key[1]}: {exc.strerror or exc}", sent=False) from None
         return conn, False
 
     def _put_idle(self, key: tuple[str, int], conn: _Connection) -> None:

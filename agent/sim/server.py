@@ -1,7 +1,9 @@
 """The sim engine's HTTP server: vLLM's OpenAI routes, SSE framing and metric names.
 
 Routes: ``GET /v1/models``, ``POST /v1/chat/completions``, ``POST /v1/completions`` (streaming
-and not, ``stream_options.include_usage``), ``POST /v1/responses`` (streaming and not, events in
+and not; ``stream_options`` as vLLM reads it: ``include_usage`` adds a final usage event and
+``continuous_usage_stats`` a running ``usage`` on every event, both lax booleans, anything else
+a 400), ``POST /v1/responses`` (streaming and not, events in
 vLLM's order), ``POST /v1/embeddings``, ``POST /v1/rerank`` (also ``/rerank``,
 ``/v2/rerank``), ``POST /v1/score`` (also ``/score``), ``POST /tokenize``, ``POST /detokenize``,
 ``GET /health``, ``GET /version``, ``GET /metrics``, and ``POST /sim/faults`` to change fault
@@ -375,6 +377,9 @@ class SimEngine:
         stream = body.get("stream", False)
         if not isinstance(stream, bool):
             raise ApiError(400, "'stream' must be a boolean", param="stream")
+        if body.get("stream_options") is not None and not stream:
+            raise ApiError(400, "Stream options can only be defined when `stream=True`.", param="stream_options")
+        _stream_options(body)
         prompt_tokens = count_tokens(prompt)
         limit = self.config.max_model_len
         if max_tokens is not None and prompt_tokens + max_tokens > limit:
@@ -463,10 +468,14 @@ class SimEngine:
         await resp.prepare(request)
         obj = "chat.completion.chunk" if chat else "text_completion"
         head = {"id": rid, "object": obj, "created": created, "model": self.config.model}
-        options = body.get("stream_options") or {}
-        include_usage = isinstance(options, dict) and options.get("include_usage") is True
+        include_usage, continuous = _stream_options(body)
+        emitted = [0]
 
         def frame(choices: list[dict[str, Any]], **extra: Any) -> bytes:
+            if continuous and "usage" not in extra:   # vLLM: the running count on every event
+                emitted[0] += sum(1 for c in choices if (c.get("delta") or {}).get("content") or c.get("text"))
+                extra["usage"] = {"prompt_tokens": gen.prompt_tokens, "completion_tokens": emitted[0],
+                                  "total_tokens": gen.prompt_tokens + emitted[0]}
             return b"data: " + json.dumps({**head, "choices": choices, **extra}).encode() + b"\n\n"
 
         await asyncio.sleep(self.config.ttft_ms / 1000)
@@ -496,6 +505,35 @@ class SimEngine:
         await resp.write_eof()
         self._finish(gen, started, first_token_at)
         return resp
+
+
+_LAX_TRUE = ("1", "true", "t", "yes", "y", "on")
+_LAX_FALSE = ("0", "false", "f", "no", "n", "off")
+
+
+def _lax_bool(value: object, param: str) -> bool:
+    """A boolean field as pydantic's lax mode (vLLM's request models) reads it; 400 otherwise."""
+    if value is None or isinstance(value, bool):
+        return bool(value)
+    if isinstance(value, int) and value in (0, 1):
+        return bool(value)
+    if isinstance(value, str) and value.strip().lower() in _LAX_TRUE + _LAX_FALSE:
+        return value.strip().lower() in _LAX_TRUE
+    raise ApiError(400, f"'{param}' must be a boolean", param=param)
+
+
+def _stream_options(body: dict[str, Any]) -> tuple[bool, bool]:
+    """(include_usage, continuous usage) from ``stream_options``; 400 when it is malformed."""
+    options = body.get("stream_options")
+    if options is None:
+        return False, False
+    if not isinstance(options, dict):
+        raise ApiError(400, "'stream_options' must be an object", param="stream_options")
+    # vLLM's StreamOptions.include_usage defaults to True: present-but-empty options ask for usage
+    # (an explicit null does not)
+    include = "include_usage" not in options or _lax_bool(options["include_usage"], "stream_options.include_usage")
+    continuous = _lax_bool(options.get("continuous_usage_stats"), "stream_options.continuous_usage_stats")
+    return include, include and continuous
 
 
 def _non_empty_list(value: object, param: str) -> list[Any]:

@@ -26,6 +26,7 @@ from controlplane.cli.common import (
 from controlplane.cli.main import app
 from controlplane.logsetup import configure_logging
 from gateway.app import GatewayConfig
+from gateway.edge import EdgeLimits
 from gateway.fleet import FleetSettings
 from gateway.proxy import ProxySettings
 from gateway.workers import BindError, run_gateway
@@ -55,7 +56,36 @@ def gateway(
     port: Annotated[int, typer.Option("--port", min=1, max=65535, help="Port to listen on.")] = 8080,
     no_auth: Annotated[bool, typer.Option("--no-auth",
                                           help="Accept requests without API keys (loopback only).")] = False,
-    max_body_mb: Annotated[int, typer.Option("--max-body-mb", min=1, help="Largest request body accepted.")] = 32,
+    max_body_mb: Annotated[int, typer.Option("--max-body-mb", min=1, help="Largest request body accepted "
+                                             "(413 past it, decided from Content-Length before the body).")] = 32,
+    body_budget_mb: Annotated[int, typer.Option("--body-budget-mb", min=1, help="Request-body bytes held in memory "
+                                                "at once over all connections (503 + Retry-After past it).")] = 256,
+    max_connections: Annotated[int, typer.Option("--max-connections", min=0, help="Client connections at most; "
+                                                 "at the cap the oldest without a complete request head are shed. "
+                                                 "0 = (RLIMIT_NOFILE - --fd-reserve) / 2.")] = 0,
+    fd_reserve: Annotated[int, typer.Option("--fd-reserve", min=0, help="File descriptors kept out of the "
+                                            "derived connection cap (etcd, logs, listeners).")] = 256,
+    head_timeout: Annotated[float, typer.Option("--head-timeout", min=0.1, help="Seconds a client has to send a "
+                                                "whole request head (from accept, or from its first byte on a "
+                                                "kept-alive connection); 408 past it.")] = 20.0,
+    body_timeout: Annotated[float, typer.Option("--body-timeout", min=0.1, help="Seconds a client has to send a "
+                                                "whole request body after its head; 408 past it.")] = 60.0,
+    write_timeout: Annotated[float, typer.Option("--write-timeout", min=0.1, help="Seconds a client may leave our "
+                                                 "answer unread before the connection is cut (and the engine's "
+                                                 "request cancelled).")] = 60.0,
+    keepalive_timeout: Annotated[float, typer.Option("--keepalive-timeout", min=0.1, help="Seconds an idle "
+                                                     "keep-alive connection stays open.")] = 75.0,
+    max_json_depth: Annotated[int, typer.Option("--max-json-depth", min=2, help="Deepest nesting of a request "
+                                                "body's JSON (400 past it, before any engine sees it).")] = 128,
+    max_url_kb: Annotated[int, typer.Option("--max-url-kb", min=1, help="Longest request URL (414 past it).")] = 16,
+    max_headers: Annotated[int, typer.Option("--max-headers", min=8, help="Most request headers (431 past it).")] = 128,
+    max_header_kb: Annotated[int, typer.Option("--max-header-kb", min=1, help="Most bytes of request headers, and "
+                                               "apart of chunked trailers (431 past it).")] = 64,
+    max_upstream_head_kb: Annotated[int, typer.Option("--max-upstream-head-kb", min=1, help="Largest response head "
+                                                      "an engine may send (502 past it).")] = 64,
+    linger_timeout: Annotated[float, typer.Option("--linger-timeout", min=0.1, help="Seconds the rest of a "
+                                                  "rejected request's body is read and discarded, so the client "
+                                                  "sees the answer, before the connection closes.")] = 5.0,
     max_attempts: Annotated[int, typer.Option("--max-attempts", min=1, help="Instances tried per request before "
                                               "the first byte.")] = 3,
     stall_timeout: Annotated[float, typer.Option("--stall-timeout", min=1, help="Seconds a stream may stay silent "
@@ -96,7 +126,13 @@ def gateway(
     if no_auth and not is_loopback(host):
         fail(f"--no-auth is only allowed on a loopback address (not {host!r}): anyone could use the pool",
              ExitCode.USAGE)
-    cfg = GatewayConfig(etcd=config, auth=not no_auth, max_body_bytes=max_body_mb * 1024 * 1024,
+    edge = EdgeLimits(max_body_bytes=max_body_mb * 1024 * 1024, body_budget_bytes=body_budget_mb * 1024 * 1024,
+                      max_connections=max_connections, fd_reserve=fd_reserve, head_timeout_s=head_timeout,
+                      body_timeout_s=body_timeout, write_timeout_s=write_timeout,
+                      keepalive_timeout_s=keepalive_timeout, linger_s=linger_timeout,
+                      max_json_depth=max_json_depth, max_url_bytes=max_url_kb * 1024, max_headers=max_headers,
+                      max_header_bytes=max_header_kb * 1024, max_upstream_head_bytes=max_upstream_head_kb * 1024)
+    cfg = GatewayConfig(etcd=config, auth=not no_auth, edge=edge,
                         proxy=ProxySettings(max_attempts=max_attempts, stall_timeout_s=stall_timeout),
                         address=advertise or f"{host}:{port}", demand_window_s=demand_window,
                         etcd_quota_bytes=etcd_quota(quota),

@@ -296,7 +296,7 @@ def test_threshold_counts_consecutive_failures_and_success_resets() -> None:
 
 def test_filter_skips_ejected_but_returns_all_when_all_are() -> None:
     clock = FakeClock()
-    ej = Ejections(clock=clock)
+    ej = Ejections(threshold=1, clock=clock)
     a, b, c = endpoint("a"), endpoint("b"), endpoint("c")
     assert ej.filter((a, b, c)) == (a, b, c)
     ej.failed("a")
