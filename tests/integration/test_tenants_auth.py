@@ -100,8 +100,10 @@ async def test_a_tenant_writes_only_its_own_records(pool: AuthPool) -> None:
 
         # its own records, and what its agents read
         await beta.put(k.for_tenant("beta").node("n1"), NodeRecord(node_id="n1").SerializeToString())
-        for prefix in (k.models, k.desired_for_node("beta/n1"), k.node_controls, k.gateways, k.tenant("beta")):
+        for prefix in (k.models, k.desired_for_node("beta/n1"), k.node_controls, k.tenant("beta")):
             await beta.list_prefix(prefix)
+        with pytest.raises(StoreAuthError, match="permission denied"):   # per-key traffic lives there
+            await beta.list_prefix(k.gateways)
         await beta.revision()
 
         # leases: beta can neither pin a key on alpha's lease nor revoke it

@@ -28,9 +28,10 @@ import pytest
 import yaml
 from slurmcluster import SlurmCluster, find_program
 
+from controlplane.accounting.demand import demand_of
 from controlplane.etcdproc import EtcdProcess
-from controlplane.keys import Keys, decode, encode_segment
-from controlplane.pb import Demand, HarvestJob, HarvestJobState
+from controlplane.keys import Keys, decode
+from controlplane.pb import Demand, GatewayRecord, HarvestJob, HarvestJobState
 from controlplane.procs import spawn
 from controlplane.store import EtcdConfig, EtcdStore
 from tests.cluster import CTL, eventually, start_gateway, stop_all
@@ -97,9 +98,10 @@ async def load(url: str) -> AsyncIterator[Load]:
 
 
 async def demand(store: EtcdStore, keys: Keys) -> list[Demand]:
-    """The gateways' demand records of MODEL (what the harvester reads)."""
-    kvs, _ = await store.list_prefix(f"{keys.demand}{encode_segment(MODEL)}/")
-    return [decode(Demand, kv) for kv in kvs]
+    """The gateways' demand for MODEL, from their gateway records (what the harvester reads)."""
+    kvs, _ = await store.list_prefix(keys.gateways)
+    records = [decode(GatewayRecord, kv) for kv in kvs if not kv.key.endswith("/leader")]
+    return [d for d in demand_of(records) if d.model == MODEL]
 
 
 async def jobs(store: EtcdStore, keys: Keys) -> dict[str, HarvestJob]:
