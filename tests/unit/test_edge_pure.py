@@ -84,10 +84,10 @@ def test_every_stream_asks_for_usage_whatever_its_options() -> None:
     cases = [
         ({"include_usage": False, "continuous_usage_stats": False}, {"include_usage": True,
                                                                      "continuous_usage_stats": False}),
-        ({"continuous_usage_stats": True}, {"include_usage": True, "continuous_usage_stats": False}),
+        ({"include_usage": False, "continuous_usage_stats": True}, {"include_usage": True,
+                                                                    "continuous_usage_stats": False}),
         ({"include_usage": "no", "x_vendor": 1}, {"include_usage": True, "x_vendor": 1}),
         ({"include_usage": None}, {"include_usage": True}),
-        ({}, {"include_usage": True}),
     ]
     for options, sent in cases:
         assert _rewrite({**base, "stream_options": options}) == {**base, "stream_options": sent}, options
@@ -95,8 +95,10 @@ def test_every_stream_asks_for_usage_whatever_its_options() -> None:
                                                      "stream_options": {"include_usage": True}}
 
 
-@pytest.mark.parametrize("options", [{"include_usage": True}, {"include_usage": "yes"},
-                                     {"include_usage": "maybe"}, {"continuous_usage_stats": "x"}, "on", []])
+# {} and options without include_usage ask for usage: vLLM's StreamOptions.include_usage defaults to true
+@pytest.mark.parametrize("options", [{"include_usage": True}, {"include_usage": "yes"}, {},
+                                     {"continuous_usage_stats": True}, {"include_usage": "maybe"},
+                                     {"continuous_usage_stats": "x"}, "on", []])
 def test_streams_that_asked_or_that_the_engine_refuses_are_sent_unchanged(options: object) -> None:
     assert _rewrite({"model": "m", "stream": True, "stream_options": options}) is None
 
